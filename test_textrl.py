@@ -1,0 +1,478 @@
+"""Tests for textrl.py. Each checks behaviour against an independent reference: bitsandbytes for NF4, a merged dense
+layer and peft for LoRA, full per-candidate sequences for the KV-cache scorer, a plain double loop for GAE and
+hand-computed numbers for the SFT and PPO losses. Most use a tiny random Llama; the last runs the embedded SmolLM2.
+
+    pytest -q              # the tests (benchmarks excluded)
+    pytest -m bench -s     # the benchmarks: prints a table of speed ratios
+"""
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import textrl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- fixtures: the real tokenizer and a tiny random model ------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    name, gguf = textrl.resolve_model("default")
+    return AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_policy(tokenizer, cfg=None, seed=0, bits=32):
+    cfg = cfg or textrl.Config(lora_dropout=0.0)
+    lm = tiny_llama(len(tokenizer), seed)
+    if bits == 4:
+        textrl.quantize_model(lm)
+    textrl.add_lora(lm, cfg)
+    for m in lm.modules():  # a non-zero B, so the adapters change the output
+        if isinstance(m, textrl.LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.5)
+    return textrl.Policy(lm, tokenizer, cfg.length_norm)
+
+
+PROMPTS = ["<|im_start|>user\nYou are in a kitchen. Valid actions: go north, take red apple<|im_end|>\n"
+           "<|im_start|>assistant\n", "<|im_start|>user\nA dark room.<|im_end|>\n<|im_start|>assistant\n"]
+ACTIONS = [["go north", "take red apple from fridge", "eat meal", "look"], ["open door", "go south"]]
+
+
+# ---- 1. environment and prompts ---------------------------------------------------------------------------------
+def test_clean_drops_banner_status_lines_and_blank_runs():
+    raw = ("\n\n   ________  ________\n  |        \\|        \\\n   \\$$$$$$$$| $$$$$$$$\n\n"
+           "You are hungry!\n\n\n\n-= Kitchen =-\n> -= Kitchen =-0/3\nA fridge.\n\n*** The End ***\nYou scored")
+    assert textrl.clean(raw) == "You are hungry!\n-= Kitchen =-\nA fridge."
+
+
+@pytest.mark.parametrize("level", list(textrl.LEVELS))
+@pytest.mark.parametrize("split", list(textrl.SPLITS))
+def test_walkthrough_wins_every_game(level, split):
+    games = textrl.list_games(os.path.join(HERE, "games"), level, split)
+    assert len(games) == textrl.SPLITS[split]
+    _, played = textrl.play(games, textrl.walkthrough_agent, textrl.Config(max_steps=100), None)
+    assert all(g.last.won for g in played)
+    # per-step rewards are score increases (+ the win bonus) and add up to the final score
+    episodes, played = textrl.play(games[:3], textrl.walkthrough_agent, textrl.Config(max_steps=100), None)
+    for ep, g in zip(episodes, played):
+        assert sum(t.reward for t in ep) == g.max_score + 1.0 and ep[-1].terminal and not ep[-1].truncated
+
+
+def test_random_agent_truncates_at_step_limit_without_terminal():
+    games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:4]
+    episodes, played = textrl.play(games, textrl.random_agent(random.Random(0)), textrl.Config(max_steps=3), None)
+    for ep, g in zip(episodes, played):
+        assert len(ep) <= 3
+        assert ep[-1].terminal or (ep[-1].truncated and len(ep) == 3)
+        assert all(not (t.terminal and t.truncated) for t in ep)
+
+
+def test_easy_prompts_median_under_300_tokens(tokenizer):
+    cfg = textrl.Config()
+    demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:8], tokenizer, cfg)
+    lengths = [len(tokenizer.encode(d.prompt)) for d in demos]
+    assert statistics.median(lengths) < 300, statistics.median(lengths)
+    assert all(d.action in d.actions for d in demos)
+
+
+# ---- 3. NF4 against bitsandbytes --------------------------------------------------------------------------------
+def test_nf4_table_is_the_normal_quantile_recipe():
+    """QLoRA's construction: 8 positive and 7 negative N(0,1) quantiles on [1/2, delta], an exact 0, scaled to 1."""
+    delta = 1 - 0.5 * (1 / 30 + 1 / 32)
+    pos = torch.special.ndtri(torch.linspace(delta, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(delta, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    assert torch.allclose(levels / levels.max(), textrl.NF4.double(), atol=1e-6)
+    assert textrl.NF4[7] == 0 and textrl.NF4[0] == -1 and textrl.NF4[-1] == 1
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (192, 576), (1536, 576), (3, 128), (576, 1536)])
+def test_nf4_matches_bitsandbytes_bit_for_bit(shape):
+    import bitsandbytes.functional as bnbf
+    torch.manual_seed(sum(shape))
+    w = torch.randn(shape) * 0.02
+    w.view(-1)[5] = 0.0  # an exact zero and a tie-prone value
+    packed, absmax = textrl.quantize_nf4(w)
+    ref_packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+    assert torch.equal(packed, ref_packed.flatten()) and torch.equal(absmax, state.absmax)
+    assert torch.equal(textrl.dequantize_nf4(packed, absmax, w.shape), bnbf.dequantize_4bit(ref_packed, state))
+
+
+def test_nf4_ties_go_to_the_lower_level_like_bitsandbytes():
+    import bitsandbytes.functional as bnbf
+    w = torch.zeros(64)
+    w[0] = 1.0  # absmax 1: the other weights are used as they are
+    w[1:16] = textrl.NF4_MIDPOINTS  # exactly between two levels
+    packed, _ = textrl.quantize_nf4(w)
+    assert torch.equal(packed, bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)[0].flatten())
+
+
+def test_nf4_linear_matches_dense_dequantized_forward_and_backward():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 192, bias=True)
+    q = textrl.NF4Linear(linear)
+    w = textrl.dequantize_nf4(q.packed, q.absmax, (192, 128))
+    x1 = torch.randn(3, 5, 128, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = q(x1), x2 @ w.t() + linear.bias
+    torch.testing.assert_close(y1, y2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert q.bits_per_weight() == 4.5 and not any(p.requires_grad for p in q.parameters())
+
+
+def test_nf4_linear_bitsandbytes_path_reads_our_bytes():
+    torch.manual_seed(1)
+    q = textrl.NF4Linear(nn.Linear(576, 192, bias=False))
+    x = torch.randn(4, 576)
+    y_ref = q(x)
+    q.use_bnb = True
+    torch.testing.assert_close(q(x), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_keeps_head_and_embeddings(tokenizer):
+    lm = tiny_llama(len(tokenizer))
+    n = textrl.quantize_model(lm)
+    assert n == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert isinstance(lm.get_output_embeddings(), nn.Linear)
+
+
+# ---- 4. LoRA --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_starts_at_base_merges_and_disables(four_bit):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 128)
+    inner = textrl.NF4Linear(base) if four_bit else base
+    layer = textrl.LoRALinear(inner, r=4, alpha=8, dropout=0.0)
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(layer(x), inner(x), rtol=0, atol=0)  # B = 0: exactly the base layer
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = textrl.dequantize_nf4(inner.packed, inner.absmax, (128, 64)) if four_bit else base.weight
+    merged = nn.Linear(64, 128)
+    with torch.no_grad():
+        merged.weight.copy_(w + 2.0 * layer.lora_B @ layer.lora_A)  # alpha / r = 2
+        merged.bias.copy_(base.bias)
+    torch.testing.assert_close(layer(x), merged(x), rtol=1e-5, atol=1e-5)
+    with textrl.adapters_disabled(layer):
+        assert torch.equal(layer(x), inner(x))
+    assert not torch.equal(layer(x), inner(x))
+
+
+def test_lora_bad_targets_and_rank_are_one_line_errors(tokenizer):
+    lm = tiny_llama(len(tokenizer))
+    with pytest.raises(textrl.UserError, match="matches no linear layer"):
+        textrl.add_lora(lm, textrl.Config(lora_targets="attention_dense"))
+    with pytest.raises(textrl.UserError, match="lora-r"):
+        textrl.add_lora(lm, textrl.Config(lora_r=0))
+    with pytest.raises(textrl.UserError, match="bits"):
+        textrl.load_model(textrl.Config(bits=3), torch.device("cpu"))
+
+
+def test_only_adapters_train_and_saved_adapter_loads_in_peft(tokenizer, tmp_path):
+    import peft
+    policy = tiny_policy(tokenizer)
+    names = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or "value_head" in n for n in names)
+    cfg = textrl.Config(lora_dropout=0.0)
+    textrl.save_adapter(policy.lm, str(tmp_path), cfg, "tiny")
+    assert json.load(open(tmp_path / "adapter_config.json"))["peft_type"] == "LORA"
+    ids = torch.tensor([tokenizer.encode("go north and take the apple")])
+    with torch.no_grad():
+        ours = policy.lm(ids).logits
+        reference = peft.PeftModel.from_pretrained(tiny_llama(len(tokenizer)), str(tmp_path)).eval()
+        torch.testing.assert_close(reference(ids).logits, ours, rtol=1e-4, atol=1e-4)
+        merged = reference.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=1e-4, atol=1e-4)
+    # and back into a fresh textrl model
+    other = tiny_policy(tokenizer, seed=0)
+    for m in other.lm.modules():
+        if isinstance(m, textrl.LoRALinear):
+            nn.init.zeros_(m.lora_B)
+    textrl.load_adapter(other.lm, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(other.lm(ids).logits, ours)
+
+
+# ---- 5. the policy ---------------------------------------------------------------------------------------------
+def naive_scores(policy, prompt, actions):
+    """Reference: run each full prompt + candidate sequence separately and add up the candidate's token log-probs."""
+    tok, scores = policy.tokenizer, []
+    for a in actions:
+        p, c = tok.encode(prompt, add_special_tokens=False), textrl.encode_action(tok, a)
+        with torch.no_grad():
+            logp = policy.lm(torch.tensor([p + c])).logits[0].float().log_softmax(-1)  # (T, V)
+        scores.append(sum(logp[len(p) + j - 1, c[j]].item() for j in range(len(c))))
+    return torch.tensor(scores)
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_kv_cache_scoring_equals_full_sequences(tokenizer, bits):
+    policy = tiny_policy(tokenizer, bits=bits)
+    with torch.no_grad():
+        scores, values = policy(PROMPTS, ACTIONS)
+    assert values.shape == (2,)
+    for prompt, actions, s in zip(PROMPTS, ACTIONS, scores):
+        torch.testing.assert_close(s, naive_scores(policy, prompt, actions), rtol=1e-4, atol=1e-4)
+
+
+def test_policy_is_a_distribution_over_valid_commands(tokenizer):
+    policy = tiny_policy(tokenizer)
+    picks, logps, _ = textrl.act(policy, PROMPTS, ACTIONS, greedy=False)
+    with torch.no_grad():
+        scores, _ = policy(PROMPTS, ACTIONS)
+    for s, acts, a, lp in zip(scores, ACTIONS, picks, logps):
+        assert 0 <= a < len(acts)
+        assert math.isclose(s.softmax(-1).sum().item(), 1.0, rel_tol=1e-6)
+        assert math.isclose(lp, s.log_softmax(-1)[a].item(), rel_tol=1e-5, abs_tol=1e-6)
+    greedy, _, _ = textrl.act(policy, PROMPTS, ACTIONS, greedy=True)
+    assert greedy == [int(s.argmax()) for s in scores]
+
+
+def test_length_norm_scores_the_mean_token_log_prob(tokenizer):
+    policy = tiny_policy(tokenizer)
+    normed = tiny_policy(tokenizer, textrl.Config(lora_dropout=0.0, length_norm=True))
+    with torch.no_grad():
+        s_sum, s_mean = policy(PROMPTS, ACTIONS)[0][0], normed(PROMPTS, ACTIONS)[0][0]
+    lengths = torch.tensor([len(textrl.encode_action(tokenizer, a)) for a in ACTIONS[0]], dtype=torch.float32)
+    torch.testing.assert_close(s_mean, s_sum / lengths)
+
+
+# ---- 6. SFT ------------------------------------------------------------------------------------------------------
+def test_sft_loss_is_cross_entropy_on_action_tokens_only():
+    # 3 positions, vocab 3, identity head: hidden states are the logits. Only positions 1 and 2 carry labels.
+    hidden = torch.tensor([[[9.0, -9.0, 0.0], [0.0, math.log(3.0), 0.0], [1.0, 1.0, 1.0]]])
+    labels = torch.tensor([[-100, 1, 2]])
+    head = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3))
+    # by hand: p(1 | pos 1) = 3 / (1 + 3 + 1) = 0.6, p(2 | pos 2) = 1/3; position 0 never counts
+    expected = -(math.log(0.6) + math.log(1 / 3)) / 2
+    assert math.isclose(textrl.sft_loss(hidden, head, labels).item(), expected, rel_tol=1e-6)
+
+
+def test_sft_batch_masks_the_prompt(tokenizer):
+    policy = tiny_policy(tokenizer)
+    demo = textrl.Demo(PROMPTS[1], "open door", ACTIONS[1])
+    ids, mask, labels = textrl.sft_batch(policy, [demo, textrl.Demo(PROMPTS[0], "look", ACTIONS[0])])
+    action = textrl.encode_action(tokenizer, "open door")
+    n_prompt = len(tokenizer.encode(PROMPTS[1], add_special_tokens=False))
+    row = labels[0][mask[0].bool()].tolist()
+    assert row == [-100] * (n_prompt - 1) + action + [-100]
+    # the loss through the batch equals minus the scorer's log-prob of the action, per token
+    with torch.no_grad():
+        loss = textrl.sft_loss(policy.lm.base_model(input_ids=ids[:1], attention_mask=mask[:1]).last_hidden_state,
+                               policy.lm.get_output_embeddings(), labels[:1])
+        score = policy([PROMPTS[1]], [["open door"]])[0][0][0]
+    assert math.isclose(loss.item(), -score.item() / len(action), rel_tol=1e-4)
+
+
+def fake_demos(n=12):
+    rng = random.Random(0)
+    return [textrl.Demo(PROMPTS[i % 2], rng.choice(ACTIONS[i % 2]), ACTIONS[i % 2]) for i in range(n)]
+
+
+def test_sft_resume_after_a_crash_gives_the_same_weights(tokenizer, tmp_path):
+    cfg = textrl.Config(sft_epochs=2, sft_batch=4, micro_batch=2, save_every=1, lora_dropout=0.1)
+
+    def train(run_dir, hook=None, resume=False):
+        torch.manual_seed(0)
+        policy = tiny_policy(tokenizer, cfg)
+        ckpt = textrl.Checkpoint(str(run_dir), cfg)
+        textrl.train_sft(policy, fake_demos(), fake_demos(4), cfg, lambda row: None, ckpt,
+                         ckpt.find() if resume else None, hook)
+        return policy
+
+    def crash(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    whole = train(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", crash)
+    resumed = train(tmp_path / "b", resume=True)
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+    assert any((p != 0).any() for n, p in whole.named_parameters() if "lora_B" in n)
+
+
+def test_bad_checkpoints_are_one_line_errors(tokenizer, tmp_path):
+    policy = tiny_policy(tokenizer)
+    cfg = textrl.Config()
+    opt = torch.optim.AdamW(textrl.trainable(policy))
+    ckpt = textrl.Checkpoint(str(tmp_path), cfg)
+    ckpt.save(policy, opt, textrl.linear_schedule(opt, 10), {"sft_step": 1})
+    with pytest.raises(textrl.UserError, match="trained on --model"):
+        textrl.load_checkpoint(ckpt.find(), policy, textrl.Config(model="other/model"))
+    state = os.path.join(ckpt.find(), "state.pt")
+    before = open(os.path.join(ckpt.find(), "adapter_model.safetensors"), "rb").read()
+    with open(state, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(textrl.UserError, match="cannot be read"):
+        textrl.load_checkpoint(ckpt.find(), policy, cfg)
+    assert open(os.path.join(ckpt.find(), "adapter_model.safetensors"), "rb").read() == before
+
+
+# ---- 8. GAE -------------------------------------------------------------------------------------------------------
+def gae_reference(rewards, values, terminals, truncateds, next_values, gamma, lam):
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, summed by brute force up to the end of t's episode."""
+    T = len(rewards)
+    deltas = []
+    for t in range(T):
+        if terminals[t]:
+            v_next = 0.0
+        elif truncateds[t]:
+            v_next = next_values[t]
+        else:
+            v_next = values[t + 1]
+        deltas.append(rewards[t] + gamma * v_next - values[t])
+    adv = []
+    for t in range(T):
+        total, k = 0.0, t
+        while True:
+            total += (gamma * lam) ** (k - t) * deltas[k]
+            if terminals[k] or truncateds[k]:
+                break
+            k += 1
+        adv.append(total)
+    return np.array(adv)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gae_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    T = 40
+    ends = rng.random(T) < 0.2
+    ends[-1] = True
+    truncated = ends & (rng.random(T) < 0.5)
+    terminal = ends & ~truncated
+    rewards, values, next_values = rng.normal(size=T), rng.normal(size=T), rng.normal(size=T)
+    adv, ret = textrl.gae(rewards, values, terminal, truncated, next_values, 0.97, 0.9)
+    np.testing.assert_allclose(adv, gae_reference(rewards, values, terminal, truncated, next_values, 0.97, 0.9))
+    np.testing.assert_allclose(ret, adv + values)
+
+
+def test_gae_bootstraps_on_truncation_only():
+    # one step each: terminal -> A = r - V; truncated -> A = r + gamma V_next - V
+    adv, _ = textrl.gae([1.0, 1.0], [0.5, 0.5], [True, False], [False, True], [0.0, 2.0], 0.9, 0.95)
+    np.testing.assert_allclose(adv, [0.5, 1.0 + 0.9 * 2.0 - 0.5])
+
+
+# ---- 9. PPO -------------------------------------------------------------------------------------------------------
+def ppo_terms(ratio, adv, cfg=textrl.Config()):
+    logp = torch.log(torch.tensor(ratio, dtype=torch.float64)).requires_grad_()
+    zeros = torch.zeros_like(logp)
+    a = torch.tensor(adv, dtype=torch.float64)
+    loss, stats = textrl.ppo_loss(logp, zeros, logp.detach(), a, zeros, zeros, zeros, zeros,
+                                  dataclasses_replace(cfg, vf_coef=0.0, kl_coef=0.0))
+    loss.backward()
+    return loss.item(), logp.grad, stats
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_ppo_ratio_one_gives_minus_advantage():
+    loss, grad, stats = ppo_terms([1.0, 1.0], [2.0, -1.0])
+    assert math.isclose(loss, -(2.0 - 1.0) / 2)  # -mean(A)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-12
+    torch.testing.assert_close(grad, torch.tensor([-1.0, 0.5], dtype=torch.float64))  # d(-rho A / N)/dlog rho
+
+
+def test_ppo_clipped_ratio_has_zero_gradient():
+    # rho = 1.5 > 1 + eps with A > 0, and rho = 0.5 < 1 - eps with A < 0: clipped, no gradient
+    loss, grad, stats = ppo_terms([1.5, 0.5], [1.0, -1.0])
+    assert math.isclose(loss, -(1.2 * 1.0 + 0.8 * -1.0) / 2)
+    assert torch.equal(grad, torch.zeros(2, dtype=torch.float64)) and stats["clipfrac"] == 1.0
+    # the same ratios with the opposite signs are not clipped: the min picks the unclipped term
+    _, grad, _ = ppo_terms([1.5, 0.5], [-1.0, 1.0])
+    torch.testing.assert_close(grad, torch.tensor([0.75, -0.25], dtype=torch.float64))
+
+
+def test_ppo_value_clip_and_k3_kl_by_hand():
+    cfg = textrl.Config(clip=0.2, value_clip=0.2, vf_coef=1.0, kl_coef=1.0, ent_coef=0.0)
+    zero = torch.zeros(1, dtype=torch.float64)
+    # V_old = 0, V = 1, R = 1: unclipped error 0, clipped V = 0.2 -> error 0.64; max -> 0.5 * 0.64
+    _, s = textrl.ppo_loss(zero, zero, torch.log(torch.tensor([0.5], dtype=torch.float64)), zero,
+                           torch.ones(1, dtype=torch.float64), zero, torch.ones(1, dtype=torch.float64), zero, cfg)
+    assert math.isclose(s["value_loss"], 0.32)
+    assert math.isclose(s["kl_ref"], 0.5 - 1 - math.log(0.5))  # k3 with r = pi_ref / pi = 0.5
+
+
+# ---- bad input on the command line -------------------------------------------------------------------------------
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "textrl.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_one_line_error(proc, text):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("textrl: error:") and text in lines[0], proc.stderr[-2000:]
+
+
+def test_cli_missing_and_empty_games_folder(tmp_path):
+    assert_one_line_error(run_cli("--games", str(tmp_path / "nowhere")), "no games folder")
+    for split in textrl.SPLITS:
+        os.makedirs(tmp_path / "easy" / split)
+    assert_one_line_error(run_cli("--games", str(tmp_path)), "has no .z8 games")
+
+
+def test_cli_file_that_is_not_a_game(tmp_path):
+    for split in textrl.SPLITS:
+        os.makedirs(tmp_path / "easy" / split)
+        (tmp_path / "easy" / split / "fake.z8").write_bytes(b"this is not a z-machine file")
+    assert_one_line_error(run_cli("--games", str(tmp_path)), "is not a playable TextWorld game")
+
+
+def test_cli_unknown_model_and_bad_flags(tmp_path):
+    assert_one_line_error(run_cli("--model", str(tmp_path / "no-such-model"), "--run-name", "t"), "cannot load --model")
+    assert_one_line_error(run_cli("--level", "hard"), "--level must be one of")
+    assert_one_line_error(run_cli("--bits", "3"), "--bits must be 4, 16 or 32")
+
+
+# ---- the real embedded model, end to end --------------------------------------------------------------------------
+def test_end_to_end_with_the_embedded_model(tmp_path):
+    """zero-shot -> SFT -> PPO -> evaluation on one game with SmolLM2-135M in 4 bits, PPO invariants asserted."""
+    os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
+    args = ["--eval-games", "1", "--train-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
+            "--rollout-games", "1", "--max-steps", "4", "--eval-every", "1", "--run-name", "e2e", "--debug"]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    results = json.load(open(run_dir / "results.json"))
+    for name in ("random", "walkthrough", "zero-shot", "SFT", "SFT+PPO"):
+        assert 0.0 <= results[name]["win_rate"] <= 1.0 and results[name]["games"] == 1
+    assert results["walkthrough"]["win_rate"] == 1.0
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    ppo = [r for r in rows if r["stage"] == "ppo"]
+    assert ppo and all(np.isfinite(r["policy_loss"]) for r in ppo) and "valid_win_rate" in ppo[0]
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert (run_dir / "checkpoints" / "last" / "adapter_model.safetensors").exists()
+    # the saved policy evaluates with --checkpoint
+    proc = run_cli("--checkpoint", str(run_dir / "checkpoints" / "last"), "--eval-games", "1", "--max-steps", "4",
+                   "--run-name", "check", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]

