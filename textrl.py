@@ -74,7 +74,7 @@ class Config:
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex over module names of the linear layers to adapt")
     # supervised fine-tuning
-    sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = skip SFT)")
+    sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = skip SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (AdamW, linear warm-up then linear decay)")
     sft_batch: int = arg(8, "demonstrations per optimizer step")
     micro_batch: int = arg(2, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
@@ -82,9 +82,9 @@ class Config:
     save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
     train_games: int = arg(0, "use only the first N train games (0 = all)")
     # PPO
-    ppo_updates: int = arg(8, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
-    rollout_games: int = arg(8, "train games played (sampling) per update")
-    ppo_epochs: int = arg(2, "optimization passes over each update's experience")
+    ppo_updates: int = arg(2, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
+    rollout_games: int = arg(4, "train games played (sampling) per update")
+    ppo_epochs: int = arg(1, "optimization passes over each update's experience")
     minibatch: int = arg(8, "transitions per PPO mini-batch")
     ppo_lr: float = arg(1e-4, "learning rate of the adapters in PPO (AdamW, constant)")
     value_lr: float = arg(1e-3, "learning rate of the value head in PPO")
@@ -216,9 +216,10 @@ class Game:
         return self.last
 
     def walkthrough_action(self) -> str:
-        """The next command of the walkthrough. TextWorld's walkthroughs sometimes re-open a door that is already
-        open, a no-op the game does not list as admissible: such commands are skipped."""
-        while self.walkthrough[self.w] not in self.last.actions:
+        """The next command of the walkthrough, skipping two kinds of no-op: 'inventory' (every prompt already shows
+        the inventory, so imitating it only teaches a habit of wasting moves) and commands the game does not admit
+        (TextWorld's walkthroughs sometimes re-open a door that is already open)."""
+        while self.walkthrough[self.w] == "inventory" or self.walkthrough[self.w] not in self.last.actions:
             self.w += 1
         self.w += 1
         return self.walkthrough[self.w - 1]
@@ -614,7 +615,7 @@ class Policy(nn.Module):
 
 
 @torch.no_grad()
-def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bool, chunk: int = 4):
+def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bool, chunk: int = 8):
     """Choose one valid command per state: argmax (evaluation) or a sample (data collection). Returns the chosen
     indices, their log pi(a|s), and V(s)."""
     picks, logps, values = [], [], []
