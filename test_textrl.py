@@ -118,6 +118,28 @@ def test_nf4_matches_bitsandbytes_bit_for_bit(shape):
     assert torch.equal(textrl.dequantize_nf4(packed, absmax, w.shape), bnbf.dequantize_4bit(ref_packed, state))
 
 
+@pytest.fixture(scope="session")
+def smollm():
+    from transformers import AutoModelForCausalLM
+    name, gguf = textrl.resolve_model("default")
+    return AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+
+
+def test_nf4_matches_bitsandbytes_on_smollm2_weights(smollm):
+    import bitsandbytes.functional as bnbf
+    layers = smollm.model.layers
+    for w in [layers[0].self_attn.q_proj.weight, layers[7].self_attn.k_proj.weight, layers[15].mlp.gate_proj.weight,
+              layers[29].mlp.down_proj.weight]:
+        packed, absmax = textrl.quantize_nf4(w.data)
+        ref_packed, state = bnbf.quantize_4bit(w.data, quant_type="nf4", blocksize=64)
+        assert torch.equal(packed, ref_packed.flatten()) and torch.equal(absmax, state.absmax)
+        assert torch.equal(textrl.dequantize_nf4(packed, absmax, w.shape), bnbf.dequantize_4bit(ref_packed, state))
+        _, state = bnbf.quantize_4bit(w.data, quant_type="nf4", blocksize=64, compress_statistics=True)
+        ref = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        ours = textrl.dequantize_absmax(*textrl.quantize_absmax(absmax))
+        assert ((ours - ref).abs() / ref).mean() < 0.01
+
+
 def test_nf4_ties_go_to_the_lower_level_like_bitsandbytes():
     import bitsandbytes.functional as bnbf
     w = torch.zeros(64)
@@ -131,7 +153,7 @@ def test_nf4_linear_matches_dense_dequantized_forward_and_backward():
     torch.manual_seed(0)
     linear = nn.Linear(128, 192, bias=True)
     q = textrl.NF4Linear(linear)
-    w = textrl.dequantize_nf4(q.packed, q.absmax, (192, 128))
+    w = textrl.dequantize_nf4(q.packed, q.absmax(), (192, 128))
     x1 = torch.randn(3, 5, 128, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
     y1, y2 = q(x1), x2 @ w.t() + linear.bias
@@ -140,6 +162,24 @@ def test_nf4_linear_matches_dense_dequantized_forward_and_backward():
     y2.square().sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad)
     assert q.bits_per_weight() == 4.5 and not any(p.requires_grad for p in q.parameters())
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (192, 576), (1536, 576)])
+def test_double_quant_absmax_close_to_bitsandbytes_and_under_4_13_bits(shape):
+    import bitsandbytes.functional as bnbf
+    torch.manual_seed(shape[0])
+    w = torch.randn(shape) * (0.5 + torch.rand(shape[0], 1)) * 0.02  # rows of different scales, as in trained nets
+    _, absmax = textrl.quantize_nf4(w)
+    ours = textrl.dequantize_absmax(*textrl.quantize_absmax(absmax))
+    _, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    ref = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    assert ((ours - ref).abs() / ref).mean() < 0.01  # agrees with bitsandbytes within 1% relative
+    assert ((ours - absmax).abs() / absmax).max() <= ((ref - absmax).abs() / absmax).max()  # and is no worse
+    layer = textrl.NF4Linear(nn.Linear(shape[1], shape[0], bias=False), double_quant=True)
+    assert layer.bits_per_weight() <= 4.13
+    x = torch.randn(3, shape[1])
+    w_dq = textrl.dequantize_nf4(layer.packed, layer.absmax(), shape)
+    torch.testing.assert_close(layer(x), x @ w_dq.t())
 
 
 def test_nf4_linear_bitsandbytes_path_reads_our_bytes():
@@ -169,7 +209,7 @@ def test_lora_starts_at_base_merges_and_disables(four_bit):
     torch.testing.assert_close(layer(x), inner(x), rtol=0, atol=0)  # B = 0: exactly the base layer
     with torch.no_grad():
         layer.lora_B.normal_()
-    w = textrl.dequantize_nf4(inner.packed, inner.absmax, (128, 64)) if four_bit else base.weight
+    w = textrl.dequantize_nf4(inner.packed, inner.absmax(), (128, 64)) if four_bit else base.weight
     merged = nn.Linear(64, 128)
     with torch.no_grad():
         merged.weight.copy_(w + 2.0 * layer.lora_B @ layer.lora_A)  # alpha / r = 2

@@ -348,33 +348,67 @@ class NF4MatMul(torch.autograd.Function):
         return grad_y @ dequantize_nf4(packed, absmax, ctx.shape, grad_y.dtype), None, None, None
 
 
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored as NF4 codes + absmax; no full-precision copy of W is kept anywhere."""
+# Double quantization (QLoRA sec. 3): the fp32 absmax still costs 32/64 = 0.5 bit per weight. Quantize the absmax
+# values too: subtract their mean mu, then 8-bit absmax quantization in blocks of 256,  c ~ mu + s2 * q8 / 127.
+# Cost: 8/64 + 32/(64 * 256) bits per weight, so NF4 + DQ = 4.127 bits. bitsandbytes uses a non-uniform 8-bit
+# "dynamic" code here; a uniform int8 code is simpler and (tested) at least as close to the true absmax.
+DQ_BLOCK = 256
 
-    def __init__(self, linear: nn.Linear):
+
+def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """absmax (n,) fp32 -> (q8 (n,) int8, s2 (ceil(n/256),) fp32, mu () fp32)."""
+    mean = absmax.mean()
+    blocks = F.pad(absmax - mean, (0, -len(absmax) % DQ_BLOCK)).reshape(-1, DQ_BLOCK)  # (n/256, 256)
+    scale = blocks.abs().amax(dim=1).clamp(min=1e-12)  # s2
+    q = torch.round(blocks / scale[:, None] * 127).to(torch.int8)
+    return q.reshape(-1)[:len(absmax)], scale, mean
+
+
+def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    blocks = F.pad(q.float(), (0, -len(q) % DQ_BLOCK)).reshape(-1, DQ_BLOCK)  # (n/256, 256)
+    return (blocks * scale[:, None] / 127).reshape(-1)[:len(q)] + mean
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored as NF4 codes + absmax (or its double-quantized form); no full-precision copy of
+    W is kept anywhere."""
+
+    def __init__(self, linear: nn.Linear, double_quant: bool = False):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
         packed, absmax = quantize_nf4(linear.weight)
         self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax)
+        self.double_quant = double_quant
+        if double_quant:
+            for name, t in zip(("absmax_q", "absmax_scale", "absmax_mean"), quantize_absmax(absmax)):
+                self.register_buffer(name, t)
+        else:
+            self.register_buffer("absmax_fp32", absmax)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.use_bnb = False  # set on CUDA: same bytes, bitsandbytes' fused kernel
 
+    def absmax(self) -> torch.Tensor:
+        if self.double_quant:
+            return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_mean)
+        return self.absmax_fp32
+
     def forward(self, x):
-        shape = (self.out_features, self.in_features)
+        shape, absmax = (self.out_features, self.in_features), self.absmax()
         if self.use_bnb:  # the fast path: bitsandbytes reads our packed bytes as its own (tested equal on CPU)
             import bitsandbytes as bnb
             from bitsandbytes.functional import QuantState
-            state = QuantState(self.absmax, torch.Size(shape), NF4.to(x.device), BLOCK, "nf4", x.dtype)
+            state = QuantState(absmax, torch.Size(shape), NF4.to(x.device), BLOCK, "nf4", x.dtype)
             return bnb.matmul_4bit(x, self.packed.view(-1, 1).t(), quant_state=state, bias=self.bias)
-        y = NF4MatMul.apply(x, self.packed, self.absmax, shape)  # the readable reference path
+        y = NF4MatMul.apply(x, self.packed, absmax, shape)  # the readable reference path
         return y if self.bias is None else y + self.bias
 
     def bits_per_weight(self) -> float:
-        return (self.packed.numel() * 8 + self.absmax.numel() * 32) / (self.out_features * self.in_features)
+        """Measured from the tensors this layer holds."""
+        held = [self.packed] + [b for n, b in self.named_buffers() if n.startswith("absmax")]
+        return sum(t.numel() * t.element_size() * 8 for t in held) / (self.out_features * self.in_features)
 
 
-def quantize_model(lm: nn.Module) -> int:
+def quantize_model(lm: nn.Module, double_quant: bool = False) -> int:
     """Replace every linear layer of the transformer blocks by an NF4Linear, freeing each original as we go.
     Embeddings, norms and the LM head stay in full precision: they are a small share of the weights but sit where
     rounding errors hurt most (every token's first and last step; norms are vectors, not matrices)."""
@@ -382,7 +416,7 @@ def quantize_model(lm: nn.Module) -> int:
     for module in list(lm.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child is not head and child.weight.numel() % BLOCK == 0:
-                setattr(module, name, NF4Linear(child))  # the fp32 weight is freed when `child` goes out of scope
+                setattr(module, name, NF4Linear(child, double_quant))  # the fp32 weight is freed when `child` goes out of scope
                 count += 1
     return count
 
@@ -531,12 +565,13 @@ def load_model(cfg: Config, device: torch.device):
         if device.type == "cuda" else torch.float32
     before = weight_bytes(lm)
     if cfg.bits == 4:
-        n = quantize_model(lm)  # from the fp32 weights
+        n = quantize_model(lm, cfg.double_quant)  # from the fp32 weights
         for m in lm.modules():
             if isinstance(m, NF4Linear):
                 m.use_bnb = device.type == "cuda"
-        print(f"NF4: quantized {n} linear layers; weights {before / 2**20:.0f} MiB (fp32) -> "
-              f"{weight_bytes(lm) / 2**20:.0f} MiB")
+        bits = np.mean([m.bits_per_weight() for m in lm.modules() if isinstance(m, NF4Linear)])
+        print(f"NF4: quantized {n} linear layers to {bits:.3f} bits per weight; all weights {before / 2**20:.0f} "
+              f"MiB (fp32) -> {weight_bytes(lm) / 2**20:.0f} MiB")
     for p in lm.parameters():  # the rest (embeddings, norms, LM head) in the compute dtype; NF4 buffers untouched
         p.data = p.data.to(compute_dtype)
     add_lora(lm, cfg)
