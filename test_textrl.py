@@ -516,3 +516,160 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     proc = run_cli("--checkpoint", str(run_dir / "checkpoints" / "last"), "--eval-games", "1", "--max-steps", "4",
                    "--run-name", "check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---- the 4-bit model against the 32-bit one --------------------------------------------------------------------------
+def test_4bit_smollm2_agrees_with_32bit_on_next_tokens(tokenizer, capsys):
+    """Next-token argmax agreement and mean KL(p32 || p4) over every position of easy-game prompts."""
+    cfg = textrl.Config()
+    demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:2], tokenizer, cfg)
+    models = {bits: textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))[0].eval() for bits in (32, 4)}
+    agree, kls, n = 0, [], 0
+    with torch.no_grad():
+        for d in demos[:8]:
+            ids = torch.tensor([tokenizer.encode(d.prompt + d.action)])
+            logp = {b: m(ids).logits[0].float().log_softmax(-1) for b, m in models.items()}  # (T, V)
+            agree += int((logp[32].argmax(-1) == logp[4].argmax(-1)).sum())
+            kls.append((logp[32].exp() * (logp[32] - logp[4])).sum(-1).mean().item())
+            n += ids.shape[1]
+    with capsys.disabled():
+        print(f"\n4-bit vs 32-bit SmolLM2 on {n} positions: argmax agreement {agree / n:.3f}, "
+              f"mean KL {np.mean(kls):.4f} nats")
+    assert agree / n >= 0.95
+
+
+# ---- benchmarks: pytest -m bench -s ------------------------------------------------------------------------------
+def median_seconds(fn, repeats=5):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@pytest.mark.bench
+def test_bench_nf4_linear_vs_bitsandbytes_and_fp32():
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    gflops = 2 * 512 * 576 * 1536 / median_seconds(lambda: a @ b, 20) / 1e9
+    print(f"\nfp32 matmul on this machine: {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print("| shape (out x in), 512 tokens, fwd+bwd | fp32 nn.Linear | textrl NF4 | bnb Linear4bit | NF4 / bnb |")
+    for out_f, in_f in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:
+        dense = nn.Linear(in_f, out_f, bias=False)
+        ours = textrl.NF4Linear(dense)
+        ref = bnb.nn.Linear4bit(in_f, out_f, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        ref.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        ref = ref.to("cpu")  # quantizes
+        dense.weight.requires_grad_(False)
+        x = torch.randn(512, in_f, requires_grad=True)
+
+        def step(layer):
+            return lambda: layer(x).sum().backward()
+        t = {name: median_seconds(step(layer)) for name, layer in [("fp32", dense), ("ours", ours), ("bnb", ref)]}
+        print(f"| {out_f} x {in_f} | {t['fp32'] * 1e3:.2f} ms | {t['ours'] * 1e3:.2f} ms | {t['bnb'] * 1e3:.2f} ms "
+              f"| {t['ours'] / t['bnb']:.2f} |")
+
+
+@pytest.fixture(scope="module")
+def smollm_policy():
+    cfg = textrl.Config()
+    lm, tok = textrl.load_model(cfg, torch.device("cpu"))
+    return textrl.Policy(lm, tok).eval(), cfg
+
+
+@pytest.mark.bench
+def test_bench_kv_cache_scoring_vs_per_candidate(smollm_policy):
+    policy, cfg = smollm_policy
+    demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:1], policy.tokenizer,
+                                cfg)
+    prompts, actions = [d.prompt for d in demos], [d.actions for d in demos]
+    n = sum(map(len, actions))
+
+    def shared():
+        with torch.no_grad():
+            policy(prompts, actions)
+
+    def naive():
+        for p, acts in zip(prompts, actions):
+            naive_scores(policy, p, acts)
+    t_shared, t_naive = median_seconds(shared, 2), median_seconds(naive, 1)
+    print(f"\nscoring {len(prompts)} states, {n} candidates: shared KV cache {t_shared:.2f} s, "
+          f"per-candidate sequences {t_naive:.2f} s ({t_naive / t_shared:.1f}x)")
+
+
+@pytest.mark.bench
+def test_bench_sft_tokens_per_second_4bit_vs_32bit():
+    cfg = textrl.Config()
+    for bits in (4, 32):
+        lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
+        policy = textrl.Policy(lm, tok).train()
+        demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)[:2]
+        ids, mask, labels = textrl.sft_batch(policy, demos)
+
+        def step():
+            h = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            textrl.sft_loss(h, lm.get_output_embeddings(), labels).backward()
+        print(f"\nSFT forward+backward, {bits}-bit: {int(mask.sum()) / median_seconds(step, 3):.0f} tokens/s")
+
+
+@pytest.mark.bench
+def test_bench_rollout_steps_per_second(smollm_policy):
+    policy, cfg = smollm_policy
+    games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:4]
+    cfg = textrl.Config(max_steps=3)
+    t = time.perf_counter()
+    episodes, _ = textrl.play(games, textrl.llm_agent(policy, greedy=False), cfg, policy.tokenizer)
+    llm = sum(map(len, episodes)) / (time.perf_counter() - t)
+    cfg = textrl.Config(max_steps=50)
+    t = time.perf_counter()
+    episodes, _ = textrl.play(games * 4, textrl.random_agent(random.Random(0)), cfg, None)
+    rnd = sum(map(len, episodes)) / (time.perf_counter() - t)
+    print(f"\nrollouts: LLM policy {llm:.2f} env-steps/s; TextWorld with a random agent {rnd:.0f} steps/s")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    commands = [block.split("```")[0].strip() for block in readme.split("```bash\n")[1:3]]
+    assert "python textrl.py" in commands[0]
+    assert commands[1] in open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+
+
+@pytest.mark.bench
+def test_bench_loader_peak_memory():
+    """Peak RSS of a fresh process that loads SmolLM2 at each precision (fp32 GGUF weights, then NF4 layer by layer)."""
+    code = ("import resource, torch, textrl; lm, _ = textrl.load_model(textrl.Config(bits={bits}, double_quant={dq}), "
+            "torch.device('cpu')); print('RESULT', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "textrl.weight_bytes(lm) / 2**20)")
+    print()
+    for bits, dq in [(32, False), (4, False), (4, True)]:
+        out = subprocess.run([sys.executable, "-c", code.format(bits=bits, dq=dq)], cwd=HERE, capture_output=True,
+                             text=True).stdout
+        peak, held = map(float, out.split("RESULT")[1].split())
+        print(f"load --bits {bits}{' --double-quant' if dq else ''}: peak RSS {peak:.0f} MiB, weights held {held:.0f} MiB")
+
+
+def test_two_processes_with_torchrun_train_like_one(tokenizer, tmp_path):
+    """SFT with torchrun --nproc_per_node 2 (gloo) ends at the same adapters as one process with the same global batch;
+    also exercises --model with a local folder."""
+    from safetensors.torch import load_file
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
+    args = ["--model", str(model_dir), "--bits", "32", "--train-games", "2", "--sft-batch", "4", "--micro-batch", "1",
+            "--lora-dropout", "0", "--ppo-updates", "0", "--eval-games", "2", "--max-steps", "2"]
+    one = run_cli(*args, "--run-name", "one", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", os.path.join(HERE, "textrl.py"), *args, "--run-name", "two"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_file(tmp_path / "runs" / r / "checkpoints" / "last" / "adapter_model.safetensors") for r in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # training did move the adapters
+    assert json.load(open(tmp_path / "runs" / "two" / "results.json"))["zero-shot"]["games"] == 2

@@ -112,11 +112,13 @@ def parse_config(argv=None) -> Config:
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default, help=f.metadata["help"] + " (%(default)s)")
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default,
+                           help=f.metadata["help"] + " (%(default)s)")
     return Config(**vars(p.parse_args(argv)))
 
 
 warnings.filterwarnings("ignore", message=".*is not fully supported.*")  # jericho: TextWorld tracks the score
+
 
 class UserError(Exception):
     """Bad input: main() prints the message on one line and exits with code 2."""
@@ -128,6 +130,45 @@ def seed_everything(seed: int, deterministic: bool = False):
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+# Several processes: `torchrun --nproc_per_node K textrl.py ...` (gloo on CPU, nccl on CUDA). Each process plays and
+# trains on its share of the games and demonstrations; before every optimizer step their gradients are summed with
+# torch.distributed, so K processes take the same steps as one process with the same global batch. Only rank 0 prints
+# and writes files. With one process every helper below is a no-op.
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def all_sum(x: float) -> float:
+    """Sum a number over all processes."""
+    if world() == 1:
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+def sum_gradients(params: list[nn.Parameter]):
+    """Add up every process's gradients: what DistributedDataParallel does after backward, written out because our
+    losses are already scaled by the global batch size (so a sum, not a mean, is the single-process gradient)."""
+    if world() > 1:
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+
+
+def gather(items: list) -> list:
+    """Concatenate a list from every process."""
+    if world() == 1:
+        return items
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 
 # ---- 1. The environment and the prompt --------------------------------------------------------------------------
@@ -543,7 +584,10 @@ def resolve_model(name: str) -> tuple[str, str | None]:
 
 
 def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    """cuda (this process's GPU under torchrun) if there is one and name is auto, else cpu or the named device."""
+    if name == "auto":
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -715,6 +759,8 @@ class Checkpoint:
         self.dir, self.cfg = os.path.join(run_dir, "checkpoints"), cfg
 
     def save(self, policy: Policy, optimizer, scheduler, counters: dict):
+        if rank() > 0:
+            return
         tmp, last, prev = (os.path.join(self.dir, n) for n in ("tmp", "last", "previous"))
         save_adapter(policy.lm, tmp, self.cfg, self.cfg.model)
         state = {"model": self.cfg.model, "value_head": policy.value_head.state_dict(), "counters": counters,
@@ -770,20 +816,22 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
     scheduler = linear_schedule(optimizer, total)
     step = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)["sft_step"] if resume_from else 0
     body, head = policy.lm.base_model, policy.lm.get_output_embeddings()
-    bar = tqdm(total=total, initial=step, desc="SFT")
+    bar = tqdm(total=total, initial=step, desc="SFT", disable=rank() > 0)
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
         order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         batch = [demos[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]]
         policy.train()
         t0, n_tokens, total_loss = time.time(), 0, 0.0
-        for k in range(0, len(batch), micro):
+        for k in range(rank() * micro, len(batch), micro * world()):  # this process's micro-batches
             ids, mask, labels = sft_batch(policy, batch[k:k + micro])
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
             loss = sft_loss(hidden, head, labels) * len(batch[k:k + micro]) / len(batch)
             check_finite(loss, "SFT")
             loss.backward()
             total_loss, n_tokens = total_loss + loss.item(), n_tokens + int(mask.sum())
+        sum_gradients(trainable(policy))
+        total_loss, n_tokens = all_sum(total_loss), all_sum(n_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -852,7 +900,7 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
     """Play each game once with `agent`, `batch` games in lockstep (one batched LLM call per step across games).
     Returns one list of Transitions per game and the Game objects (for their final score and result)."""
     episodes, finished = [], []
-    bar = tqdm(total=len(paths), desc=desc, leave=False)
+    bar = tqdm(total=len(paths), desc=desc, leave=False, disable=rank() > 0)
     for i in range(0, len(paths), batch):
         games = [Game(p, cfg.max_steps, cfg.win_bonus) for p in paths[i:i + batch]]
         trajectories = [[] for _ in games]
@@ -877,10 +925,10 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
 
 
 def summarize(games: list[Game]) -> dict:
-    """Win rate, mean score / max score, mean steps."""
-    return {"win_rate": float(np.mean([g.last.won for g in games])),
-            "score": float(np.mean([g.score / g.max_score for g in games])),
-            "steps": float(np.mean([g.t for g in games])), "games": len(games)}
+    """Win rate, mean score / max score, mean steps: over the games of every process."""
+    won, score, steps = zip(*gather([(g.last.won, g.score / g.max_score, g.t) for g in games]))
+    return {"win_rate": float(np.mean(won)), "score": float(np.mean(score)), "steps": float(np.mean(steps)),
+            "games": len(won)}
 
 
 # ---- 8. Generalized advantage estimation ----------------------------------------------------------------------------
@@ -951,7 +999,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         # 1) rollouts: sample from pi_old in rollout_games train games, taken in turn
         policy.eval()  # no dropout while acting or scoring: pi_old must be the pi we differentiate
         paths = [train_paths[(update * cfg.rollout_games + i) % len(train_paths)] for i in range(cfg.rollout_games)]
-        episodes, games = play(paths, llm_agent(policy, greedy=False), cfg, tok, desc=f"rollouts {update + 1}")
+        episodes, games = play(paths[rank()::world()], llm_agent(policy, greedy=False), cfg, tok, desc=f"rollouts {update + 1}")
         cut = [(ep, g) for ep, g in zip(episodes, games) if ep[-1].truncated]
         if cut:  # bootstrap: the value of the state the step limit left each cut game in
             _, _, v = act(policy, [build_prompt(tok, g.last, g.history, cfg.history) for _, g in cut],
@@ -972,7 +1020,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         stats, n_tokens = [], 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(batch)).tolist()
-            for i in range(0, len(batch), cfg.minibatch):
+            n_minibatches = min(gather([math.ceil(len(batch) / cfg.minibatch)]))  # the same in every process
+            for i in range(0, n_minibatches * cfg.minibatch, cfg.minibatch):
                 mb = order[i:i + cfg.minibatch]
                 a = adv[mb]
                 a = (a - a.mean()) / (a.std() + 1e-8) if len(mb) > 1 else a  # per mini-batch normalization
@@ -987,15 +1036,17 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                     if cfg.debug and epoch == 0 and i == 0 and k == 0:  # nothing has changed yet: pi = pi_old
                         assert abs(s["approx_kl"]) < 1e-3 and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
                     check_finite(loss, "PPO")
-                    (loss * len(part) / len(mb)).backward()
+                    (loss * len(part) / len(mb) / world()).backward()
                     stats.append(s)
                     n_tokens += sum(len(tok.encode(batch[j].prompt)) for j in part)
+                sum_gradients(trainable(policy))
                 stats[-1]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm))
                 optimizer.step()
-            if np.mean([s["approx_kl"] for s in stats[-math.ceil(len(batch) / cfg.micro_batch):]]) > cfg.target_kl:
+            if all_sum(np.mean([s["approx_kl"] for s in stats[-math.ceil(len(batch) / cfg.micro_batch):]])) / world() \
+                    > cfg.target_kl:
                 break  # the policy moved far enough from pi_old: collect fresh data
         # 5) diagnostics, evaluation on the validation games, checkpoint
-        returns = [sum(t.reward for t in ep) for ep in episodes]
+        returns = gather([sum(t.reward for t in ep) for ep in episodes])
         row = {"stage": "ppo", "ppo_update": update + 1, "return": float(np.mean(returns)),
                "train_win_rate": summarize(games)["win_rate"], "ppo_epochs_run": epoch + 1,
                **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]},
@@ -1006,18 +1057,21 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         if (update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates:
             row["valid_win_rate"] = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")[
                 "win_rate"]
-            if row["valid_win_rate"] >= counters["best_win_rate"]:  # keep the best policy by validation win rate
+            if row["valid_win_rate"] >= counters["best_win_rate"] and rank() == 0:  # keep the best by validation
                 counters["best_win_rate"] = row["valid_win_rate"]
                 save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
                 torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
         log(row)
-        tqdm.write(f"PPO {update + 1:>3}/{cfg.ppo_updates} | return {row['return']:.2f} | train win "
-                   f"{row['train_win_rate']:.2f} | valid win {row.get('valid_win_rate', float('nan')):.2f} | "
-                   f"pi {row['policy_loss']:+.3f} V {row['value_loss']:.3f} H {row['entropy']:.2f} | "
-                   f"KL old {row['approx_kl']:.4f} ref {row['kl_ref']:.4f} | clip {row['clipfrac']:.2f} | "
-                   f"EV {row['explained_variance']:.2f} | {row['steps_per_s']:.1f} steps/s")
+        if rank() == 0:
+            tqdm.write(f"PPO {update + 1:>3}/{cfg.ppo_updates} | return {row['return']:.2f} | train win "
+                       f"{row['train_win_rate']:.2f} | valid win {row.get('valid_win_rate', float('nan')):.2f} | "
+                       f"pi {row['policy_loss']:+.3f} V {row['value_loss']:.3f} H {row['entropy']:.2f} | "
+                       f"KL old {row['approx_kl']:.4f} ref {row['kl_ref']:.4f} | clip {row['clipfrac']:.2f} | "
+                       f"EV {row['explained_variance']:.2f} | {row['steps_per_s']:.1f} steps/s")
         ckpt.save(policy, optimizer, scheduler, counters)
     best = os.path.join(run_dir, "best")
+    if world() > 1:
+        torch.distributed.barrier()  # rank 0 has written best/
     if os.path.isdir(best):
         load_adapter(policy.lm, best)
         policy.value_head.load_state_dict(torch.load(os.path.join(best, "value_head.pt")))
@@ -1026,7 +1080,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
 # ---- 10. Evaluation ------------------------------------------------------------------------------------------------
 def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str) -> dict:
     """Play every game once; win rate, mean normalized score, mean steps."""
-    _, games = play(paths, agent, cfg, tokenizer, desc=desc)
+    _, games = play(paths[rank()::world()], agent, cfg, tokenizer, desc=desc)  # each process plays its share
     return summarize(games)
 
 
@@ -1069,6 +1123,10 @@ def run(cfg: Config):
         return make_games(cfg.games)
     if cfg.level not in LEVELS:
         raise UserError(f"--level must be one of {', '.join(LEVELS)}, got {cfg.level!r}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg.seed, cfg.deterministic)
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", "test"))
     train = train[:cfg.train_games or None]
@@ -1078,11 +1136,14 @@ def run(cfg: Config):
     cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
     run_dir = os.path.join("runs", cfg.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(run_dir, exist_ok=True)
+    say = print if rank() == 0 else lambda *a, **k: None
     metrics_path, results_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "results.json")
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
     timings = results.pop("_seconds", {})
 
     def log(row: dict):
+        if rank() > 0:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **row}) + "\n")
 
@@ -1093,17 +1154,19 @@ def run(cfg: Config):
         if keep:
             results[name] = result
         timings[name] = round(time.time() - t, 1)
-        atomic_save(results_path, lambda p: open(p, "w").write(json.dumps({**results, "_seconds": timings}, indent=2)))
+        if rank() == 0:
+            text = json.dumps({**results, "_seconds": timings}, indent=2)
+            atomic_save(results_path, lambda p: open(p, "w").write(text))
         return result
 
-    print(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, {len(test)} test games"
+    say(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, {len(test)} test games"
           f" | step limit {cfg.max_steps}")
     device = pick_device(cfg.device)
     lm, tokenizer = stage("load model", lambda: load_model(cfg, device), keep=False)
     stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None, "random"))
     stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough"))
     policy = Policy(lm, tokenizer, cfg.length_norm)
-    print(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
+    say(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
     greedy = lambda: llm_agent(policy, greedy=True)
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, policy, cfg)
@@ -1117,7 +1180,7 @@ def run(cfg: Config):
             stage("zero-shot", lambda: evaluate(test, greedy(), cfg, tokenizer, "zero-shot"))
         if cfg.sft_epochs and "ppo_update" not in counters:
             demos, val_demos = expert_demos(train, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
-            print(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
+            say(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
             stage("SFT training", lambda: train_sft(policy, demos, val_demos, cfg, log, ckpt, resume_from), keep=False)
             resume_from = None
         if cfg.sft_epochs and "SFT" not in results:
@@ -1128,7 +1191,9 @@ def run(cfg: Config):
             name = "SFT+PPO" if cfg.sft_epochs else "PPO"
             stage(name, lambda: evaluate(test, greedy(), cfg, tokenizer, name))
     table = results_table(results, f"{len(test)} {cfg.level} test")
-    print(table)
+    say(table)
+    if rank() > 0:
+        return results
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write(table + "\n\nSeconds per stage: " + json.dumps(timings) + "\n")
     if os.path.exists(metrics_path):
