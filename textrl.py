@@ -605,19 +605,22 @@ def load_model(cfg: Config, device: torch.device):
                         "a Hugging Face id already in the cache, or omit --model for the embedded SmolLM2") from None
     # Compute in bf16 where the hardware has it (recent CPUs too: ~2x the fp32 matmul speed), except at --bits 32.
     bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    compute_dtype = torch.float32 if cfg.bits == 32 else torch.bfloat16 if bf16 else torch.float16 \
-        if device.type == "cuda" else torch.float32
+    half = torch.bfloat16 if bf16 else torch.float16 if device.type == "cuda" else torch.float32
+    compute_dtype = torch.float32 if cfg.bits == 32 else half
     before = weight_bytes(lm)
     if cfg.bits == 4:
-        n = quantize_model(lm, cfg.double_quant)  # from the fp32 weights
+        quantize_model(lm, cfg.double_quant)  # from the fp32 weights
         for m in lm.modules():
             if isinstance(m, NF4Linear):
                 m.use_bnb = device.type == "cuda"
-        bits = np.mean([m.bits_per_weight() for m in lm.modules() if isinstance(m, NF4Linear)])
-        print(f"NF4: quantized {n} linear layers to {bits:.3f} bits per weight; all weights {before / 2**20:.0f} "
-              f"MiB (fp32) -> {weight_bytes(lm) / 2**20:.0f} MiB")
     for p in lm.parameters():  # the rest (embeddings, norms, LM head) in the compute dtype; NF4 buffers untouched
         p.data = p.data.to(compute_dtype)
+    nf4 = [m for m in lm.modules() if isinstance(m, NF4Linear)]
+    if nf4 and rank() == 0:
+        bits = sum(m.bits_per_weight() * m.out_features * m.in_features for m in nf4) / sum(
+            m.out_features * m.in_features for m in nf4)
+        print(f"NF4: {len(nf4)} linear layers at {bits:.3f} bits per weight; all weights {before / 2**20:.0f} MiB "
+              f"(fp32) -> {weight_bytes(lm) / 2**20:.0f} MiB (the rest in {str(compute_dtype)[6:]})")
     add_lora(lm, cfg)
     lm.to(device)
     tokenizer.padding_side = "right"
