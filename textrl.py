@@ -61,7 +61,7 @@ class Config:
     level: str = arg("easy", "game level: easy (~7-step walkthroughs) or tutorial (~15 steps)")
     make_games: bool = arg(False, "regenerate the bundled games with tw-make into --games, then exit")
     max_steps: int = arg(0, "step limit of an episode (0 = 3 x the level's longest walkthrough)")
-    history: int = arg(2, "how many past (action, observation) pairs the prompt shows")
+    history: int = arg(1, "how many past (action, observation) pairs the prompt shows")
     win_bonus: float = arg(1.0, "reward added on a win, on top of the score increase")
     # model
     model: str = arg("default", "Hugging Face id or local folder of a causal LM ('default' = embedded SmolLM2-135M)")
@@ -237,6 +237,9 @@ class Game:
         infos = textworld.EnvInfos(admissible_commands=True, objective=True, inventory=True, extras=["walkthrough"],
                                    policy_commands=True, max_score=True, score=True, won=True, lost=True)
         try:
+            with open(path, "rb") as f:  # a Z-machine story starts with its version byte; textworld would exit on junk
+                if f.read(1) != b"\x08" or not os.path.exists(path[:-3] + ".json"):
+                    raise ValueError("not a Z-machine v8 story file with its .json beside it")
             self.env = textworld.start(path, request_infos=infos)
             state = self.env.reset()
         except Exception as e:
@@ -1133,7 +1136,7 @@ def run(cfg: Config):
     seed_everything(cfg.seed, cfg.deterministic)
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", "test"))
     train = train[:cfg.train_games or None]
-    test = test[:cfg.eval_games or None]
+    test, valid = test[:cfg.eval_games or None], valid[:cfg.eval_games or None]
     for path in train[:1] + valid[:1] + test[:1]:
         Game(path, 1)  # fail early, with a clear message, on a file that is not a game
     cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
