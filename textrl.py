@@ -1040,7 +1040,9 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                                        a[k:k + cfg.micro_batch].to(dev), values.float(), old_v[part].to(dev),
                                        ret[part].to(dev), entropy, cfg)
                     if cfg.debug and epoch == 0 and i == 0 and k == 0:  # nothing has changed yet: pi = pi_old
-                        assert abs(s["approx_kl"]) < 1e-3 and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
+                        # up to rounding: bf16 results shift with the batch's padding (rollouts scored 8 states at a time)
+                        tol = 1e-5 if policy.lm.get_output_embeddings().weight.dtype == torch.float32 else 1e-2
+                        assert abs(s["approx_kl"]) < tol and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
                     check_finite(loss, "PPO")
                     (loss * len(part) / len(mb) / world()).backward()
                     stats.append(s)
