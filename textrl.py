@@ -740,6 +740,13 @@ def sft_batch(policy: Policy, demos: list[Demo]):
     return ids, mask, labels
 
 
+def demo_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, int]:
+    """The SFT loss of a padded batch of demonstrations, and its number of real tokens."""
+    ids, mask, labels = sft_batch(policy, demos)
+    hidden = policy.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
+    return sft_loss(hidden, policy.lm.get_output_embeddings(), labels), int(mask.sum())
+
+
 def trainable(policy: nn.Module) -> list[nn.Parameter]:
     return [p for p in policy.parameters() if p.requires_grad]
 
@@ -821,7 +828,6 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
     optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.sft_lr, weight_decay=0.0)
     scheduler = linear_schedule(optimizer, total)
     step = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)["sft_step"] if resume_from else 0
-    body, head = policy.lm.base_model, policy.lm.get_output_embeddings()
     bar = tqdm(total=total, initial=step, desc="SFT", disable=rank() > 0)
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
@@ -830,12 +836,11 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
         policy.train()
         t0, n_tokens, total_loss = time.time(), 0, 0.0
         for k in range(rank() * micro, len(batch), micro * world()):  # this process's micro-batches
-            ids, mask, labels = sft_batch(policy, batch[k:k + micro])
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
-            loss = sft_loss(hidden, head, labels) * len(batch[k:k + micro]) / len(batch)
+            loss, tokens = demo_loss(policy, batch[k:k + micro])
+            loss = loss * len(batch[k:k + micro]) / len(batch)
             check_finite(loss, "SFT")
             loss.backward()
-            total_loss, n_tokens = total_loss + loss.item(), n_tokens + int(mask.sum())
+            total_loss, n_tokens = total_loss + loss.item(), n_tokens + tokens
         sum_gradients(trainable(policy))
         total_loss, n_tokens = all_sum(total_loss), all_sum(n_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(policy), cfg.max_grad_norm)
@@ -863,11 +868,7 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
 def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int) -> float:
     """The SFT loss on held-out demonstrations (from games never trained on)."""
     policy.eval()
-    body, head = policy.lm.base_model, policy.lm.get_output_embeddings()
-    losses = []
-    for k in range(0, len(demos), micro):
-        ids, mask, labels = sft_batch(policy, demos[k:k + micro])
-        losses.append(sft_loss(body(input_ids=ids, attention_mask=mask).last_hidden_state, head, labels).item())
+    losses = [demo_loss(policy, demos[k:k + micro])[0].item() for k in range(0, len(demos), micro)]
     return float(np.mean(losses)) if losses else float("nan")
 
 
