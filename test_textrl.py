@@ -95,6 +95,30 @@ def test_easy_prompts_median_under_300_tokens(tokenizer):
     assert all(d.action in d.actions for d in demos)
 
 
+def test_prompt_memory_earlier_actions_room_and_recipe(tokenizer):
+    recipe = "Recipe #1\nIngredients:\nred apple\nDirections:\n  prepare meal"
+    history = [("go west", "-= Kitchen =-\nA table."), ("examine cookbook", recipe), ("open fridge", "You open it.")]
+    step = textrl.Step("You open it.", "You are carrying nothing.", "Cook!", ["close fridge", "take red apple"], [])
+    prompt = textrl.build_prompt(tokenizer, step, history, k=0)
+    assert "Earlier actions: go west, examine cookbook\n" in prompt and "Location: Kitchen\n" in prompt
+    assert "Recipe: red apple Directions: prepare meal\n" in prompt and prompt.count("red apple") == 2
+    assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\nValid actions: close fridge" in prompt
+    shown = textrl.build_prompt(tokenizer, step, history, k=1)  # the cookbook pair in full: no separate recipe line
+    assert "Earlier actions: go west\n" in shown and "Recipe:" not in shown and "> examine cookbook\nRecipe #1" in shown
+
+
+def test_dagger_labels_the_policys_own_states_with_the_expert(tokenizer, tmp_path):
+    path = textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[0]
+    cfg = textrl.Config(max_steps=3)
+    demos = textrl.dagger_demos(tiny_policy(tokenizer, cfg), [path], cfg, str(tmp_path / "dagger.json"))
+    assert len(demos) == 3  # a random tiny model does not win in 3 steps: every state it visits gets a label
+    start = textrl.Game(path, 3).reset()
+    assert demos[0].action == start.expert[0] and demos[0].actions == start.actions
+    assert all(d.action in d.actions for d in demos)
+    # the second call reads the saved set back (a resumed run trains on the same data) without playing
+    assert textrl.dagger_demos(None, [path], cfg, str(tmp_path / "dagger.json")) == demos
+
+
 # ---- 3. NF4 against bitsandbytes --------------------------------------------------------------------------------
 def test_nf4_table_is_the_normal_quantile_recipe():
     """QLoRA's construction: 8 positive and 7 negative N(0,1) quantiles on [1/2, delta], an exact 0, scaled to 1."""
@@ -333,15 +357,17 @@ def fake_demos(n=12):
     return [textrl.Demo(PROMPTS[i % 2], rng.choice(ACTIONS[i % 2]), ACTIONS[i % 2]) for i in range(n)]
 
 
-def test_sft_resume_after_a_crash_gives_the_same_weights(tokenizer, tmp_path):
-    cfg = textrl.Config(sft_epochs=2, sft_batch=4, micro_batch=2, save_every=1, lora_dropout=0.1)
+@pytest.mark.parametrize("dagger", [False, True])
+def test_sft_resume_after_a_crash_gives_the_same_weights(tokenizer, tmp_path, dagger):
+    cfg = textrl.Config(sft_epochs=2, sft_batch=4, micro_batch=2, save_every=1, lora_dropout=0.1, max_steps=2)
+    dagger_paths = textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1] if dagger else ()
 
     def train(run_dir, hook=None, resume=False):
         torch.manual_seed(0)
         policy = tiny_policy(tokenizer, cfg)
         ckpt = textrl.Checkpoint(str(run_dir), cfg)
         textrl.train_sft(policy, fake_demos(), fake_demos(4), cfg, lambda row: None, ckpt,
-                         ckpt.find() if resume else None, hook)
+                         ckpt.find() if resume else None, hook, dagger_paths)
         return policy
 
     def crash(step):
@@ -509,7 +535,8 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
         assert 0.0 <= results[name]["win_rate"] <= 1.0 and results[name]["games"] == 1
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     ppo = [r for r in rows if r["stage"] == "ppo"]
-    assert ppo and all(np.isfinite(r["policy_loss"]) for r in ppo) and "valid_win_rate" in ppo[0]
+    assert [r["ppo_update"] for r in ppo] == [0, 1]  # 0: the SFT policy's validation, the baseline PPO must beat
+    assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r for r in ppo)
     assert (run_dir / "curves.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last" / "adapter_model.safetensors").exists()
     # the saved policy evaluates with --checkpoint

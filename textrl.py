@@ -61,7 +61,7 @@ class Config:
     level: str = arg("easy", "game level: easy (~7-step walkthroughs) or tutorial (~15 steps)")
     make_games: bool = arg(False, "regenerate the bundled games with tw-make into --games, then exit")
     max_steps: int = arg(0, "step limit of an episode (0 = 3 x the level's longest walkthrough)")
-    history: int = arg(1, "how many past (action, observation) pairs the prompt shows")
+    history: int = arg(0, "how many past (action, observation) pairs the prompt shows in full")
     win_bonus: float = arg(1.0, "reward added on a win, on top of the score increase")
     # model
     model: str = arg("default", "Hugging Face id or local folder of a causal LM ('default' = embedded SmolLM2-135M)")
@@ -71,7 +71,7 @@ class Config:
     # LoRA
     lora_r: int = arg(8, "LoRA rank r")
     lora_alpha: float = arg(16.0, "LoRA alpha; the update is scaled by alpha / r")
-    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input (its random mask costs ~20% of SFT time on CPU)")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex over module names of the linear layers to adapt")
     # supervised fine-tuning
     sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = skip SFT)")
@@ -81,12 +81,13 @@ class Config:
     max_grad_norm: float = arg(1.0, "gradient-norm clip (SFT and PPO)")
     save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
     train_games: int = arg(0, "use only the first N train games (0 = all)")
+    dagger_games: int = arg(0, "DAgger: after each SFT epoch, label the states the policy visits in N train games")
     # PPO
     ppo_updates: int = arg(2, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
     rollout_games: int = arg(4, "train games played (sampling) per update")
     ppo_epochs: int = arg(1, "optimization passes over each update's experience")
     minibatch: int = arg(8, "transitions per PPO mini-batch")
-    ppo_lr: float = arg(1e-4, "learning rate of the adapters in PPO (AdamW, constant)")
+    ppo_lr: float = arg(3e-5, "learning rate of the adapters in PPO (AdamW, constant)")
     value_lr: float = arg(1e-3, "learning rate of the value head in PPO")
     clip: float = arg(0.2, "PPO clip range eps of the probability ratio")
     value_clip: float = arg(0.2, "clip range of the value update")
@@ -294,10 +295,21 @@ SYSTEM = "You are playing a text adventure game. Choose exactly one valid action
 
 
 def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) -> str:
-    """Goal, the k (action, observation) pairs before now, the last action and the current observation, inventory,
-    the valid actions; in the model's chat format when it has one."""
+    """The state s_t as text. A text game is partially observed: the screen shows one room, so the prompt carries a
+    compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the recipe
+    once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last (action,
+    observation) pairs in full, the current observation, inventory and valid actions; in the model's chat format."""
     lines = [f"Goal: {step.goal}"]
-    for action, obs in history[-k - 1:-1] if k else []:  # history[-1] holds the current observation
+    older = history[:max(len(history) - k - 1, 0)]  # history[-1] = (last action, the current observation)
+    if older:
+        lines.append("Earlier actions: " + ", ".join(a for a, _ in older))
+    rooms = re.findall(r"-= (.+?) =-", "\n".join(obs for _, obs in history))  # TextWorld's room headers
+    if rooms and "-= " not in step.observation:
+        lines.append(f"Location: {rooms[-1]}")
+    recipe = [obs for a, obs in older if a == "examine cookbook"]
+    if recipe:
+        lines.append("Recipe: " + re.sub(r"\s+", " ", recipe[-1].split("Ingredients:")[-1]).strip())
+    for action, obs in history[len(older):-1]:
         lines += [f"> {action}", obs]
     if history:
         lines.append(f"> {history[-1][0]}")
@@ -532,9 +544,14 @@ def adapters_disabled(model: nn.Module):
 
 
 def atomic_save(path: str, save) -> None:
-    """Write with save(tmp_path), then rename: a crash leaves the old file or the new one, never half of one."""
+    """Write with save(tmp_path) (or write the text `save`), then rename: a crash leaves the old file or the new one,
+    never half of one."""
     tmp = path + ".tmp"
-    save(tmp)
+    if isinstance(save, str):
+        with open(tmp, "w") as f:
+            f.write(save)
+    else:
+        save(tmp)
     os.replace(tmp, path)
 
 
@@ -553,7 +570,7 @@ def save_adapter(lm: nn.Module, folder: str, cfg: Config, base_name: str) -> Non
               "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
               "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
     atomic_save(os.path.join(folder, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
-    atomic_save(os.path.join(folder, "adapter_config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+    atomic_save(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def load_adapter(lm: nn.Module, folder: str) -> None:
@@ -819,9 +836,35 @@ def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None, sche
     return state["counters"]
 
 
+def dagger_demos(policy: Policy, paths: list[str], cfg: Config, cache: str) -> list[Demo]:
+    """DAgger (Ross et al. 2011): the expert's demos only cover the states the expert visits; once the policy errs
+    (a wrong turn, a loop) it is somewhere no demo went. So play the current policy (greedy, as it is evaluated) and
+    label every state it visits with the expert's action from there (TextWorld's policy_commands). Saved to `cache`,
+    so a resumed run trains on the same data."""
+    if os.path.exists(cache):
+        return [Demo(**d) for d in json.load(open(cache))]
+    labelled, greedy = [], llm_agent(policy, greedy=True)
+
+    def agent(games, prompts):
+        for g, prompt in zip(games, prompts):
+            if g.last.expert and g.last.expert[0] in g.last.actions:  # no expert action once the game is lost
+                labelled.append(Demo(prompt, g.last.expert[0], g.last.actions))
+        return greedy(games, prompts)
+
+    policy.eval()
+    play(paths[rank()::world()], agent, cfg, policy.tokenizer, desc="DAgger")
+    labelled = gather(labelled)
+    if rank() == 0:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        atomic_save(cache, json.dumps([dataclasses.asdict(d) for d in labelled]))
+    return labelled
+
+
 def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Config, log, ckpt: Checkpoint,
-              resume_from: str | None = None, hook=None):
-    """AdamW on the adapters, linear schedule, gradient clipping and accumulation; validation loss each epoch."""
+              resume_from: str | None = None, hook=None, dagger_paths: list[str] = ()):
+    """AdamW on the adapters, linear schedule, gradient clipping and accumulation; validation loss each epoch.
+    With dagger_paths, each epoch after the first also trains on states the policy visited in those games (DAgger):
+    an epoch keeps its number of steps, drawing its batches from the expert demos + every DAgger set so far."""
     micro = cfg.micro_batch  # demos per forward pass; gradients accumulate over the sft_batch of an optimizer step
     steps_per_epoch = math.ceil(len(demos) / cfg.sft_batch)
     total = cfg.sft_epochs * steps_per_epoch
@@ -829,10 +872,16 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
     scheduler = linear_schedule(optimizer, total)
     step = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)["sft_step"] if resume_from else 0
     bar = tqdm(total=total, initial=step, desc="SFT", disable=rank() > 0)
+    pool, aggregated = list(demos), 0  # the training set; DAgger appends to it
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(demos), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch = [demos[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]]
+        while dagger_paths and aggregated < epoch:  # one DAgger set per finished epoch (read back when resuming)
+            aggregated += 1
+            pool += dagger_demos(policy, dagger_paths, cfg, os.path.join(ckpt.dir, f"dagger-{aggregated}.json"))
+            tqdm.write(f"DAgger {aggregated}: {len(pool) - len(demos)} states labelled by the expert so far")
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batch = [pool[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]]
+        batch.sort(key=lambda d: len(d.prompt))  # similar lengths share a micro-batch: less padding
         policy.train()
         t0, n_tokens, total_loss = time.time(), 0, 0.0
         for k in range(rank() * micro, len(batch), micro * world()):  # this process's micro-batches
@@ -1001,6 +1050,19 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     counters = {"sft_step": -1, "ppo_update": 0, "best_win_rate": -1.0}
     if resume_from:
         counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
+
+    def validate() -> float:
+        """Greedy win rate on the validation games; the best policy so far is saved to best/."""
+        win = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")["win_rate"]
+        if win >= counters["best_win_rate"]:
+            counters["best_win_rate"] = win
+            if rank() == 0:
+                save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
+                torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
+        return win
+
+    if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too: PPO cannot make it worse
+        log({"stage": "ppo", "ppo_update": 0, "valid_win_rate": validate()})
     while counters["ppo_update"] < cfg.ppo_updates:
         update, t0 = counters["ppo_update"], time.time()
         # 1) rollouts: sample from pi_old in rollout_games train games, taken in turn
@@ -1063,13 +1125,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                "explained_variance": float(1 - (ret - old_v).var() / ret.var()) if ret.var() > 0 else float("nan"),
                "steps_per_s": len(batch) / (time.time() - t0), "tokens_per_s": n_tokens / (time.time() - t0)}
         counters["ppo_update"] = update + 1
-        if (update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates:
-            row["valid_win_rate"] = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")[
-                "win_rate"]
-            if row["valid_win_rate"] >= counters["best_win_rate"] and rank() == 0:  # keep the best by validation
-                counters["best_win_rate"] = row["valid_win_rate"]
-                save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
-                torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
+        if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates):
+            row["valid_win_rate"] = validate()
         log(row)
         if rank() == 0:
             tqdm.write(f"PPO {update + 1:>3}/{cfg.ppo_updates} | return {row['return']:.2f} | train win "
@@ -1115,8 +1172,10 @@ def plot_curves(metrics_path: str, png_path: str):
     ax1.plot([r["sft_step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
     ax1.set(title="SFT", xlabel="optimizer step", ylabel="cross-entropy (action tokens)")
     ax1.legend()
-    ax2.plot([r["ppo_update"] for r in ppo], [r["return"] for r in ppo], label="mean return (train rollouts)")
-    ax2.plot([r["ppo_update"] for r in ppo], [r["train_win_rate"] for r in ppo], label="win rate (train rollouts)")
+    ppo_train = [r for r in ppo if "return" in r]  # update 0 is only the starting policy's validation
+    ax2.plot([r["ppo_update"] for r in ppo_train], [r["return"] for r in ppo_train], label="mean return (train rollouts)")
+    ax2.plot([r["ppo_update"] for r in ppo_train], [r["train_win_rate"] for r in ppo_train],
+             label="win rate (train rollouts)")
     val = [r for r in ppo if "valid_win_rate" in r]
     ax2.plot([r["ppo_update"] for r in val], [r["valid_win_rate"] for r in val], "o-", label="win rate (validation)")
     ax2.set(title="PPO", xlabel="update")
@@ -1124,6 +1183,29 @@ def plot_curves(metrics_path: str, png_path: str):
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = [ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else ["?"]
+    return f"{cpu[0]}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def peak_rss_gib() -> float:
+    import resource  # ru_maxrss is in KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+def throughput(metrics_path: str) -> str:
+    """Median SFT tokens/s and PPO env-steps/s of the run, from metrics.jsonl."""
+    rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    sft = [r["tokens_per_s"] for r in rows if r.get("stage") == "sft"]
+    ppo = [r["steps_per_s"] for r in rows if "steps_per_s" in r]
+    return (f"SFT {np.median(sft):.0f} tokens/s" if sft else "no SFT") + \
+        (f", PPO {np.median(ppo):.2f} env-steps/s (rollouts + updates)" if ppo else "")
 
 
 # ---- 11. Main: the whole tutorial ---------------------------------------------------------------------------------
@@ -1165,7 +1247,7 @@ def run(cfg: Config):
         timings[name] = round(time.time() - t, 1)
         if rank() == 0:
             text = json.dumps({**results, "_seconds": timings}, indent=2)
-            atomic_save(results_path, lambda p: open(p, "w").write(text))
+            atomic_save(results_path, text)
         return result
 
     say(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, {len(test)} test games"
@@ -1190,7 +1272,8 @@ def run(cfg: Config):
         if cfg.sft_epochs and "ppo_update" not in counters:
             demos, val_demos = expert_demos(train, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
             say(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
-            stage("SFT training", lambda: train_sft(policy, demos, val_demos, cfg, log, ckpt, resume_from), keep=False)
+            stage("SFT training", lambda: train_sft(policy, demos, val_demos, cfg, log, ckpt, resume_from,
+                                                    dagger_paths=train[:cfg.dagger_games]), keep=False)
             resume_from = None
         if cfg.sft_epochs and "SFT" not in results:
             stage("SFT", lambda: evaluate(test, greedy(), cfg, tokenizer, "SFT"))
@@ -1203,8 +1286,10 @@ def run(cfg: Config):
     say(table)
     if rank() > 0:
         return results
-    with open(os.path.join(run_dir, "results.md"), "w") as f:
-        f.write(table + "\n\nSeconds per stage: " + json.dumps(timings) + "\n")
+    report = "\n".join([table, "", "| stage | seconds |", "|---|---|", *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
+                         "", f"Command: `python textrl.py {' '.join(sys.argv[1:])}`  ", f"Machine: {machine(device)}  ",
+                         f"Peak memory (RSS) {peak_rss_gib():.2f} GiB; {throughput(metrics_path)}", ""])
+    atomic_save(os.path.join(run_dir, "results.md"), report)
     if os.path.exists(metrics_path):
         plot_curves(metrics_path, os.path.join(run_dir, "curves.png"))
     return results
