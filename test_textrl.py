@@ -294,11 +294,17 @@ def naive_scores(policy, prompt, actions):
 @pytest.mark.parametrize("bits", [32, 4])
 def test_kv_cache_scoring_equals_full_sequences(tokenizer, bits):
     policy = tiny_policy(tokenizer, bits=bits)
+    nn.init.normal_(policy.value_head.weight)  # not the zero init: values must be compared for real
     with torch.no_grad():
         scores, values = policy(PROMPTS, ACTIONS)
     assert values.shape == (2,)
     for prompt, actions, s in zip(PROMPTS, ACTIONS, scores):
         torch.testing.assert_close(s, naive_scores(policy, prompt, actions), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # one prompt alone shares all but its last token with itself: same scores and value
+        for i in range(2):
+            alone, v = policy(PROMPTS[i:i + 1], ACTIONS[i:i + 1])
+            torch.testing.assert_close(alone[0], scores[i], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v[0], values[i], rtol=1e-4, atol=1e-4)
 
 
 def test_policy_is_a_distribution_over_valid_commands(tokenizer):
@@ -666,6 +672,13 @@ def test_bench_rollout_steps_per_second(smollm_policy):
     episodes, _ = textrl.play(games * 4, textrl.random_agent(random.Random(0)), cfg, None)
     rnd = sum(map(len, episodes)) / (time.perf_counter() - t)
     print(f"\nrollouts: LLM policy {llm:.2f} env-steps/s; TextWorld with a random agent {rnd:.0f} steps/s")
+
+
+def test_readme_results_are_a_run_s_results_md():
+    """README's results section is runs/default/results.md as the default run wrote it (kept in docs/), not retyped."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("<!-- begin docs/results.md -->\n")[1].split("<!-- end docs/results.md -->")[0]
+    assert block == open(os.path.join(HERE, "docs", "results.md")).read()
 
 
 def test_ci_runs_the_readme_test_command():

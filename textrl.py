@@ -675,13 +675,21 @@ class Policy(nn.Module):
         KV cache, each candidate masked so that it sees the prompt and itself only."""
         device, tok = self.value_head.weight.device, self.tokenizer
         body, head = self.lm.base_model, self.lm.get_output_embeddings()
-        # 1) the prompts, right-padded: (B, T)
-        p_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        # 1) the prompts. Their common beginning (chat header, system prompt, goal) runs once and its KV cache is
+        # copied to every row; the P shared tokens are followed by the rest of each prompt, right-padded: (B, T)
+        full = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        P = min(len(os.path.commonprefix(full)), min(map(len, full)) - 1)  # each prompt keeps >= 1 token of its own
+        cache = body(input_ids=torch.tensor([full[0][:P]], device=device), use_cache=True).cache if P else None
+        if P:
+            cache.batch_repeat_interleave(len(full))
+        p_ids = [x[P:] for x in full]
         B, T = len(p_ids), max(map(len, p_ids))
         lengths = torch.tensor([len(x) for x in p_ids], device=device)  # (B,)
         ids = torch.tensor([x + [0] * (T - len(x)) for x in p_ids], device=device)  # (B, T)
         mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) True on real tokens
-        out = body(input_ids=ids, attention_mask=mask.long(), use_cache=True)
+        shared = torch.ones(B, P, dtype=torch.bool, device=device)
+        out = body(input_ids=ids, attention_mask=torch.cat([shared, mask], 1).long(), cache=cache, use_cache=True,
+                   position_ids=P + torch.arange(T, device=device)[None].expand(B, T))
         h_last = out.last_hidden_state[torch.arange(B, device=device), lengths - 1]  # (B, H): state s
         values = self.value_head(h_last.float()).squeeze(-1)  # (B,)
         # 2) the candidates of state b packed in row b: [a_1 ..., <end>, a_2 ..., <end>, ...], right-padded: (B, S)
@@ -695,8 +703,9 @@ class Policy(nn.Module):
         # 3) attention: a candidate token sees the real prompt tokens and the earlier tokens of its own candidate
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         own = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, S, S)
-        attn = torch.cat([mask[:, None, :].expand(B, S, T), own], dim=-1)[:, None]  # (B, 1, S, T + S)
-        h = body(input_ids=c_ids, attention_mask=attn, position_ids=lengths[:, None] + pos,
+        seen = torch.cat([shared, mask], 1)[:, None, :].expand(B, S, P + T)  # the prompt: shared + own real tokens
+        attn = torch.cat([seen, own], dim=-1)[:, None]  # (B, 1, S, P + T + S)
+        h = body(input_ids=c_ids, attention_mask=attn, position_ids=P + lengths[:, None] + pos,
                  cache=out.cache).last_hidden_state  # (B, S, H)
         # 4) token y_j is predicted by the hidden state before it: the prompt's last one for j = 1
         prev = torch.cat([h_last[:, None], h[:, :-1]], dim=1)  # (B, S, H)
