@@ -74,7 +74,7 @@ class Config:
     lora_dropout: float = arg(0.0, "dropout on the LoRA input (its random mask costs ~20% of SFT time on CPU)")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex over module names of the linear layers to adapt")
     # supervised fine-tuning
-    sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = skip SFT)")
+    sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = skip SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (AdamW, linear warm-up then linear decay)")
     sft_batch: int = arg(8, "demonstrations per optimizer step")
     micro_batch: int = arg(2, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
@@ -101,6 +101,7 @@ class Config:
     debug: bool = arg(False, "assert PPO invariants at run time (ratio = 1 and KL to old = 0 at an update's start)")
     # evaluation
     eval_games: int = arg(0, "evaluate on the first N games of a split (0 = all)")
+    eval_split: str = arg("test", "split of the results table: test, or valid while tuning settings")
     checkpoint: str = arg("", "evaluate a saved policy (a checkpoint folder) instead of training")
     resume: bool = arg(False, "continue the run in runs/<run-name> from its last checkpoint")
 
@@ -1228,7 +1229,9 @@ def run(cfg: Config):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg.seed, cfg.deterministic)
-    train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", "test"))
+    if cfg.eval_split not in ("valid", "test"):
+        raise UserError(f"--eval-split must be valid or test, got {cfg.eval_split!r}")
+    train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", cfg.eval_split))
     train = train[:cfg.train_games or None]
     test, valid = test[:cfg.eval_games or None], valid[:cfg.eval_games or None]
     for path in train[:1] + valid[:1] + test[:1]:
@@ -1291,7 +1294,7 @@ def run(cfg: Config):
                   keep=False)
             name = "SFT+PPO" if cfg.sft_epochs else "PPO"
             stage(name, lambda: evaluate(test, greedy(), cfg, tokenizer, name))
-    table = results_table(results, f"{len(test)} {cfg.level} test")
+    table = results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}")
     say(table)
     if rank() > 0:
         return results
