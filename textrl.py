@@ -297,9 +297,9 @@ SYSTEM = "You are playing a text adventure game. Choose exactly one valid action
 
 def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) -> str:
     """The state s_t as text. A text game is partially observed: the screen shows one room, so the prompt carries a
-    compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the recipe
-    once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last (action,
-    observation) pairs in full, the current observation, inventory and valid actions; in the model's chat format."""
+    compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the
+    recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last
+    (action, observation) pairs in full, the current observation, inventory and valid actions; in the chat format."""
     lines = [f"Goal: {step.goal}"]
     older = history[:max(len(history) - k - 1, 0)]  # history[-1] = (last action, the current observation)
     if older:
@@ -1078,7 +1078,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         # 1) rollouts: sample from pi_old in rollout_games train games, taken in turn
         policy.eval()  # no dropout while acting or scoring: pi_old must be the pi we differentiate
         paths = [train_paths[(update * cfg.rollout_games + i) % len(train_paths)] for i in range(cfg.rollout_games)]
-        episodes, games = play(paths[rank()::world()], llm_agent(policy, greedy=False), cfg, tok, desc=f"rollouts {update + 1}")
+        episodes, games = play(paths[rank()::world()], llm_agent(policy, greedy=False), cfg, tok,
+                               desc=f"rollouts {update + 1}")
         cut = [(ep, g) for ep, g in zip(episodes, games) if ep[-1].truncated]
         if cut:  # bootstrap: the value of the state the step limit left each cut game in
             _, _, v = act(policy, [build_prompt(tok, g.last, g.history, cfg.history) for _, g in cut],
@@ -1113,7 +1114,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                                        a[k:k + cfg.micro_batch].to(dev), values.float(), old_v[part].to(dev),
                                        ret[part].to(dev), entropy, cfg)
                     if cfg.debug and epoch == 0 and i == 0 and k == 0:  # nothing has changed yet: pi = pi_old
-                        # up to rounding: bf16 results shift with the batch's padding (rollouts scored 8 states at a time)
+                        # up to rounding: bf16 results shift with the batch's padding and shared prefix
                         tol = 1e-5 if policy.lm.get_output_embeddings().weight.dtype == torch.float32 else 1e-2
                         assert abs(s["approx_kl"]) < tol and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
                     check_finite(loss, "PPO")
@@ -1183,7 +1184,8 @@ def plot_curves(metrics_path: str, png_path: str):
     ax1.set(title="SFT", xlabel="optimizer step", ylabel="cross-entropy (action tokens)")
     ax1.legend()
     ppo_train = [r for r in ppo if "return" in r]  # update 0 is only the starting policy's validation
-    ax2.plot([r["ppo_update"] for r in ppo_train], [r["return"] for r in ppo_train], label="mean return (train rollouts)")
+    ax2.plot([r["ppo_update"] for r in ppo_train], [r["return"] for r in ppo_train],
+             label="mean return (train rollouts)")
     ax2.plot([r["ppo_update"] for r in ppo_train], [r["train_win_rate"] for r in ppo_train],
              label="win rate (train rollouts)")
     val = [r for r in ppo if "valid_win_rate" in r]
@@ -1298,7 +1300,8 @@ def run(cfg: Config):
     say(table)
     if rank() > 0:
         return results
-    report = "\n".join([table, "", "| stage | seconds |", "|---|---|", *(f"| {k} | {v:.0f} |" for k, v in timings.items()),
+    seconds = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    report = "\n".join([table, "", "| stage | seconds |", "|---|---|", *seconds,
                          "", f"Command: `python textrl.py {' '.join(sys.argv[1:])}`  ", f"Machine: {machine(device)}  ",
                          f"Peak memory (RSS) {peak_rss_gib():.2f} GiB; {throughput(metrics_path)}", ""])
     atomic_save(os.path.join(run_dir, "results.md"), report)
