@@ -1071,7 +1071,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                 torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
         return win
 
-    if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too: PPO cannot make it worse
+    if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too
         log({"stage": "ppo", "ppo_update": 0, "valid_win_rate": validate()})
     while counters["ppo_update"] < cfg.ppo_updates:
         update, t0 = counters["ppo_update"], time.time()
@@ -1094,7 +1094,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         old_v = torch.tensor([t.value for t in batch])
         # 3) log pi_old, and log pi_ref (the same network with its adapters off), scored in exactly the micro-batches
         # the first epoch will use. The log-probs saved during the rollouts would do in exact arithmetic, but in bf16
-        # a state's scores move by up to ~0.3 nats with what it is batched with (padding, shared prefix): that would
+        # a state's scores move by up to ~0.8 nats with what it is batched with (padding, shared prefix): that would
         # look like a policy change (ratio != 1) before any step.
         first_order = torch.randperm(len(batch)).tolist()
         minibatches = [first_order[i:i + cfg.minibatch] for i in range(0, len(batch), cfg.minibatch)]
@@ -1142,7 +1142,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]},
                # explained variance = 1 - Var[R - V] / Var[R]: 1 is a perfect critic, <= 0 a useless one
                "explained_variance": float(1 - (ret - old_v).var() / ret.var()) if ret.var() > 0 else float("nan"),
-               "rollout_logp_gap": rollout_gap, "steps_per_s": len(batch) / (time.time() - t0), "tokens_per_s": n_tokens / (time.time() - t0)}
+               "rollout_logp_gap": rollout_gap, "steps_per_s": len(batch) / (time.time() - t0),
+               "tokens_per_s": n_tokens / (time.time() - t0)}
         counters["ppo_update"] = update + 1
         if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates):
             row["valid_win_rate"] = validate()
