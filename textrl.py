@@ -688,8 +688,8 @@ class Policy(nn.Module):
         lengths = torch.tensor([len(x) for x in p_ids], device=device)  # (B,)
         ids = torch.tensor([x + [0] * (T - len(x)) for x in p_ids], device=device)  # (B, T)
         mask = torch.arange(T, device=device)[None] < lengths[:, None]  # (B, T) True on real tokens
-        shared = torch.ones(B, P, dtype=torch.bool, device=device)
-        out = body(input_ids=ids, attention_mask=torch.cat([shared, mask], 1).long(), cache=cache, use_cache=True,
+        seen = torch.cat([torch.ones(B, P, dtype=torch.bool, device=device), mask], 1)  # (B, P + T): shared + own
+        out = body(input_ids=ids, attention_mask=seen.long(), cache=cache, use_cache=True,
                    position_ids=P + torch.arange(T, device=device)[None].expand(B, T))
         h_last = out.last_hidden_state[torch.arange(B, device=device), lengths - 1]  # (B, H): state s
         values = self.value_head(h_last.float()).squeeze(-1)  # (B,)
@@ -704,8 +704,7 @@ class Policy(nn.Module):
         # 3) attention: a candidate token sees the real prompt tokens and the earlier tokens of its own candidate
         causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
         own = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, S, S)
-        seen = torch.cat([shared, mask], 1)[:, None, :].expand(B, S, P + T)  # the prompt: shared + own real tokens
-        attn = torch.cat([seen, own], dim=-1)[:, None]  # (B, 1, S, P + T + S)
+        attn = torch.cat([seen[:, None, :].expand(B, S, P + T), own], dim=-1)[:, None]  # (B, 1, S, P + T + S)
         h = body(input_ids=c_ids, attention_mask=attn, position_ids=P + lengths[:, None] + pos,
                  cache=out.cache).last_hidden_state  # (B, S, H)
         # 4) token y_j is predicted by the hidden state before it: the prompt's last one for j = 1
@@ -852,7 +851,8 @@ def dagger_demos(policy: Policy, paths: list[str], cfg: Config, cache: str) -> l
     label every state it visits with the expert's action from there (TextWorld's policy_commands). Saved to `cache`,
     so a resumed run trains on the same data."""
     if os.path.exists(cache):
-        return [Demo(**d) for d in json.load(open(cache))]
+        with open(cache) as f:
+            return [Demo(**d) for d in json.load(f)]
     labelled, greedy = [], llm_agent(policy, greedy=True)
 
     def agent(games, prompts):
