@@ -358,6 +358,18 @@ def test_sft_batch_masks_the_prompt(tokenizer):
     assert math.isclose(loss.item(), -score.item() / len(action), rel_tol=1e-4)
 
 
+def test_choice_loss_adds_the_policy_cross_entropy_over_valid_commands(tokenizer):
+    policy = tiny_policy(tokenizer)
+    demos = [textrl.Demo(PROMPTS[0], "eat meal", ACTIONS[0]), textrl.Demo(PROMPTS[1], "go south", ACTIONS[1])]
+    with torch.no_grad():
+        tokens_only, _ = textrl.demo_loss(policy, demos)
+        both, _ = textrl.demo_loss(policy, demos, choice=0.5)
+    # reference: -log pi(a* | s), a softmax over every valid command's full-sequence score
+    ce = [-naive_scores(policy, d.prompt, d.actions).log_softmax(-1)[d.actions.index(d.action)].item() for d in demos]
+    assert min(ce) > 0.1  # the random policy is unsure: the term is not a no-op
+    assert math.isclose((both - tokens_only).item(), 0.5 * sum(ce) / 2, rel_tol=1e-4)
+
+
 def fake_demos(n=12):
     rng = random.Random(0)
     return [textrl.Demo(PROMPTS[i % 2], rng.choice(ACTIONS[i % 2]), ACTIONS[i % 2]) for i in range(n)]
@@ -532,12 +544,12 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     """zero-shot -> SFT -> PPO -> evaluation on one game with SmolLM2-135M in 4 bits, PPO invariants asserted."""
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
     args = ["--eval-games", "1", "--train-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
-            "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug"]
+            "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug", "--sampled"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     results = json.load(open(run_dir / "results.json"))
-    for name in ("random", "walkthrough", "zero-shot", "SFT", "SFT+PPO"):
+    for name in ("random", "walkthrough", "zero-shot", "SFT", "SFT+PPO", "SFT (sampled)", "SFT+PPO (sampled)"):
         assert 0.0 <= results[name]["win_rate"] <= 1.0 and results[name]["games"] == 1
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     ppo = [r for r in rows if r["stage"] == "ppo"]

@@ -82,6 +82,7 @@ class Config:
     save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
     train_games: int = arg(0, "use only the first N train games (0 = all)")
     dagger_games: int = arg(0, "DAgger: after each SFT epoch, label the states the policy visits in N train games")
+    choice_loss: float = arg(0.0, "SFT: weight of -log pi(expert | s) over the valid commands, added to the token loss")
     # PPO
     ppo_updates: int = arg(2, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
     rollout_games: int = arg(4, "train games played (sampling) per update")
@@ -102,6 +103,7 @@ class Config:
     # evaluation
     eval_games: int = arg(0, "evaluate on the first N games of a split (0 = all)")
     eval_split: str = arg("test", "split of the results table: test, or valid while tuning settings")
+    sampled: bool = arg(False, "also evaluate each policy sampling a ~ pi(.|s) (a second row each; greedy is argmax)")
     checkpoint: str = arg("", "evaluate a saved policy (a checkpoint folder) instead of training")
     resume: bool = arg(False, "continue the run in runs/<run-name> from its last checkpoint")
 
@@ -766,11 +768,28 @@ def sft_batch(policy: Policy, demos: list[Demo]):
     return ids, mask, labels
 
 
-def demo_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, int]:
-    """The SFT loss of a padded batch of demonstrations, and its number of real tokens."""
+def demo_loss(policy: Policy, demos: list[Demo], choice: float = 0.0) -> tuple[torch.Tensor, int]:
+    """The SFT loss of a padded batch of demonstrations, and its number of (prompt + action) tokens."""
+    if choice:
+        return choice_loss(policy, demos, choice)
     ids, mask, labels = sft_batch(policy, demos)
     hidden = policy.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, T, H)
     return sft_loss(hidden, policy.lm.get_output_embeddings(), labels), int(mask.sum())
+
+
+def choice_loss(policy: Policy, demos: list[Demo], choice: float) -> tuple[torch.Tensor, int]:
+    """L_SFT plus the cross-entropy of the policy itself, the softmax over the valid commands (behaviour cloning of
+    the choice). The token loss raises p(a*) alone; the choice term also pushes down the commands pi would pick:
+        L = L_SFT + choice * -(1/B) sum_b log pi(a*_b | s_b)
+    Both come from one pass of the scorer: the score of a* is log p(a* | s) = sum of its token log-probs, so
+        L_SFT = -(sum_b log p(a*_b | s_b)) / (number of action tokens)   (the same masked cross-entropy as sft_loss)"""
+    scores, _ = policy([d.prompt for d in demos], [d.actions for d in demos])
+    expert = [d.actions.index(d.action) for d in demos]
+    n_action = sum(len(encode_action(policy.tokenizer, d.action)) for d in demos)
+    log_p = torch.stack([s[j] for s, j in zip(scores, expert)])  # (B,) log p(a* | s)
+    log_pi = torch.stack([s.log_softmax(-1)[j] for s, j in zip(scores, expert)])  # (B,) log pi(a* | s)
+    n_prompt = sum(len(policy.tokenizer.encode(d.prompt, add_special_tokens=False)) for d in demos)
+    return -log_p.sum() / n_action - choice * log_pi.mean(), n_prompt + n_action
 
 
 def trainable(policy: nn.Module) -> list[nn.Parameter]:
@@ -895,7 +914,7 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
         policy.train()
         t0, n_tokens, total_loss = time.time(), 0, 0.0
         for k in range(rank() * micro, len(batch), micro * world()):  # this process's micro-batches
-            loss, tokens = demo_loss(policy, batch[k:k + micro])
+            loss, tokens = demo_loss(policy, batch[k:k + micro], cfg.choice_loss)
             loss = loss * len(batch[k:k + micro]) / len(batch)
             check_finite(loss, "SFT")
             loss.backward()
@@ -1039,6 +1058,10 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, values, old_values, returns, 
     return loss, stats
 
 
+def chunks(xs: list, n: int) -> list[list]:
+    return [xs[i:i + n] for i in range(0, len(xs), n)]
+
+
 def score_batch(policy: Policy, batch: list[Transition]):
     """log pi(a_t|s_t) of the chosen actions, the entropy of each candidate distribution, and V(s_t): (N,) each."""
     scores, values = policy([t.prompt for t in batch], [t.actions for t in batch])
@@ -1097,10 +1120,10 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         # a state's scores move by up to ~0.8 nats with what it is batched with (padding, shared prefix): that would
         # look like a policy change (ratio != 1) before any step.
         first_order = torch.randperm(len(batch)).tolist()
-        minibatches = [first_order[i:i + cfg.minibatch] for i in range(0, len(batch), cfg.minibatch)]
+        split = lambda order: [chunks(mb, cfg.micro_batch) for mb in chunks(order, cfg.minibatch)]  # [[micro]]
         old_logp, ref_logp = torch.zeros(len(batch)), torch.zeros(len(batch))
         with torch.no_grad():
-            for part in (mb[k:k + cfg.micro_batch] for mb in minibatches for k in range(0, len(mb), cfg.micro_batch)):
+            for part in (part for parts in split(first_order) for part in parts):
                 old_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
                 with adapters_disabled(policy):
                     ref_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
@@ -1108,20 +1131,18 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         # 4) optimize the clipped objective over shuffled mini-batches
         stats, n_tokens = [], 0
         for epoch in range(cfg.ppo_epochs):
-            order = first_order if epoch == 0 else torch.randperm(len(batch)).tolist()
-            n_minibatches = min(gather([math.ceil(len(batch) / cfg.minibatch)]))  # the same in every process
-            for i in range(0, n_minibatches * cfg.minibatch, cfg.minibatch):
-                mb = order[i:i + cfg.minibatch]
-                a = adv[mb]
-                a = (a - a.mean()) / (a.std() + 1e-8) if len(mb) > 1 else a  # per mini-batch normalization
+            minibatches = split(first_order if epoch == 0 else torch.randperm(len(batch)).tolist())
+            n_minibatches = min(gather([len(minibatches)]))  # the same in every process
+            for i, parts in enumerate(minibatches[:n_minibatches]):
+                mb, a = sum(parts, []), adv.clone()
+                if len(mb) > 1:  # advantages normalized per mini-batch
+                    a[mb] = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)
                 optimizer.zero_grad(set_to_none=True)
-                for k in range(0, len(mb), cfg.micro_batch):  # gradient accumulation over micro-batches
-                    part = mb[k:k + cfg.micro_batch]
+                for k, part in enumerate(parts):  # gradient accumulation over micro-batches
                     logp, entropy, values = score_batch(policy, [batch[j] for j in part])
                     dev = logp.device
-                    loss, s = ppo_loss(logp, old_logp[part].to(dev), ref_logp[part].to(dev),
-                                       a[k:k + cfg.micro_batch].to(dev), values.float(), old_v[part].to(dev),
-                                       ret[part].to(dev), entropy, cfg)
+                    loss, s = ppo_loss(logp, old_logp[part].to(dev), ref_logp[part].to(dev), a[part].to(dev),
+                                       values.float(), old_v[part].to(dev), ret[part].to(dev), entropy, cfg)
                     if cfg.debug and epoch == 0 and i == 0 and k == 0:  # nothing has changed yet: pi = pi_old
                         tol = 1e-5 if policy.lm.get_output_embeddings().weight.dtype == torch.float32 else 1e-3
                         assert abs(s["approx_kl"]) < tol and s["clipfrac"] == 0, f"ratio != 1 at update start: {s}"
@@ -1281,17 +1302,23 @@ def run(cfg: Config):
     stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough"))
     policy = Policy(lm, tokenizer, cfg.length_norm)
     say(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
-    greedy = lambda: llm_agent(policy, greedy=True)
+
+    def evaluate_policy(name: str):
+        """The policy's rows of the table: greedy (argmax, the usual report) and, with --sampled, a ~ pi(.|s)."""
+        stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name))
+        if cfg.sampled:
+            stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer, name))
+
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, policy, cfg)
-        stage(f"checkpoint {cfg.checkpoint}", lambda: evaluate(test, greedy(), cfg, tokenizer, "checkpoint"))
+        evaluate_policy(f"checkpoint {cfg.checkpoint}")
     else:
         ckpt = Checkpoint(run_dir, cfg)
         resume_from = ckpt.find() if cfg.resume else None
         counters = torch.load(os.path.join(resume_from, "state.pt"), weights_only=False)["counters"] \
             if resume_from else {}
         if "zero-shot" not in results:
-            stage("zero-shot", lambda: evaluate(test, greedy(), cfg, tokenizer, "zero-shot"))
+            evaluate_policy("zero-shot")
         if cfg.sft_epochs and "ppo_update" not in counters:
             demos, val_demos = expert_demos(train, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
             say(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
@@ -1299,12 +1326,11 @@ def run(cfg: Config):
                                                     dagger_paths=train[:cfg.dagger_games]), keep=False)
             resume_from = None
         if cfg.sft_epochs and "SFT" not in results:
-            stage("SFT", lambda: evaluate(test, greedy(), cfg, tokenizer, "SFT"))
+            evaluate_policy("SFT")
         if cfg.ppo_updates:
             stage("PPO training", lambda: train_ppo(policy, train, valid, cfg, log, ckpt, run_dir, resume_from),
                   keep=False)
-            name = "SFT+PPO" if cfg.sft_epochs else "PPO"
-            stage(name, lambda: evaluate(test, greedy(), cfg, tokenizer, name))
+            evaluate_policy("SFT+PPO" if cfg.sft_epochs else "PPO")
     table = results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}")
     say(table)
     if rank() > 0:
