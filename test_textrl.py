@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,22 @@ def test_prompt_memory_earlier_actions_room_and_recipe(tokenizer):
     assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\nValid actions: close fridge" in prompt
     shown = textrl.build_prompt(tokenizer, step, history, k=1)  # the cookbook pair in full: no separate recipe line
     assert "Earlier actions: go west\n" in shown and "Recipe:" not in shown and "> examine cookbook\nRecipe #1" in shown
+
+
+def test_exits_map_where_each_door_was_found_to_lead(tokenizer):
+    game = textrl.Game(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[0], 10)
+    start = game.reset()
+    first = re.findall(r"-= (.+?) =-", start.observation)[-1]
+    go = next(a for a in start.actions if a.startswith("go "))
+    there = game.step(go)[0]
+    second = re.findall(r"-= (.+?) =-", there.observation)[-1]
+    back = "go " + {"north": "south", "south": "north", "east": "west", "west": "east"}[go[3:]]
+    assert there.exits == {back: first} and first != second  # the way back is known; every other exit is new
+    prompt = textrl.build_prompt(tokenizer, there, game.history, 0)
+    others = [a for a in there.actions if a.startswith("go ") and a != back]
+    assert f"{back} (to {first})" in prompt and all(f"{a} (not taken yet)" in prompt for a in others)
+    again = game.step(back)[0]
+    assert again.exits[go] == second  # back in the first room: the door taken is now mapped
 
 
 def test_dagger_labels_the_policys_own_states_with_the_expert(tokenizer, tmp_path):

@@ -231,6 +231,10 @@ class Step:
     expert: list[str]  # TextWorld's plan from this state (policy_commands): the first one is an expert action
     won: bool = False
     lost: bool = False
+    exits: dict[str, str] = field(default_factory=dict)  # 'go east' -> the room it is known to lead to
+
+
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east", "up": "down", "down": "up"}
 
 
 class Game:
@@ -261,7 +265,14 @@ class Game:
         self.t, self.score, self.w = 0, 0, 0  # w: how far along the walkthrough we are
         self.history: list[tuple[str, str]] = []  # (action, observation) pairs so far
         self.last = self._step(state)
+        self.room, self.map = self._room(self.last, ""), {}  # map: (room, 'go east') -> the room it leads to
         return self.last
+
+    @staticmethod
+    def _room(step: Step, previous: str) -> str:
+        """The room the player is in: TextWorld prints '-= Kitchen =-' on entering or looking, else it is unchanged."""
+        rooms = re.findall(r"-= (.+?) =-", step.observation)
+        return rooms[-1] if rooms else previous
 
     def walkthrough_action(self) -> str:
         """The next command of the walkthrough, skipping two kinds of no-op: 'inventory' (every prompt already shows
@@ -280,6 +291,11 @@ class Game:
         self.score = score
         self.last = self._step(state)
         self.history.append((action, self.last.observation))
+        before, self.room = self.room, self._room(self.last, self.room)
+        if action.startswith("go ") and before != self.room:  # the player's map; doors work both ways
+            self.map[before, action] = self.room
+            self.map[self.room, "go " + OPPOSITE.get(action[3:], "")] = before
+        self.last.exits = {a: self.map[self.room, a] for a in self.last.actions if (self.room, a) in self.map}
         terminal = self.last.won or self.last.lost
         truncated = not terminal and self.t >= self.max_steps  # a time limit, not an end: PPO bootstraps here
         return self.last, reward, terminal, truncated
@@ -301,7 +317,8 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     """The state s_t as text. A text game is partially observed: the screen shows one room, so the prompt carries a
     compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the
     recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last
-    (action, observation) pairs in full, the current observation, inventory and valid actions; in the chat format."""
+    (action, observation) pairs in full, the current observation, inventory, where each exit is known to lead (a map
+    of the doors taken) and the valid actions; in the chat format."""
     lines = [f"Goal: {step.goal}"]
     older = history[:max(len(history) - k - 1, 0)]  # history[-1] = (last action, the current observation)
     if older:
@@ -316,7 +333,12 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
         lines += [f"> {action}", obs]
     if history:
         lines.append(f"> {history[-1][0]}")
-    lines += [step.observation, f"Inventory: {step.inventory}", "Valid actions: " + ", ".join(step.actions)]
+    lines += [step.observation, f"Inventory: {step.inventory}"]
+    exits = [f"{a} ({'to ' + step.exits[a] if a in step.exits else 'not taken yet'})"
+             for a in step.actions if a.startswith("go ")]
+    if exits:  # the map: the expert never walks back the way it came, so this is what it teaches to explore
+        lines.append("Exits: " + ", ".join(exits))
+    lines.append("Valid actions: " + ", ".join(step.actions))
     user = "\n".join(lines)
     if tokenizer.chat_template:  # an instruct model: speak its chat format; the action is the assistant's turn
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
