@@ -60,7 +60,7 @@ class Config:
     games: str = arg("games", "folder holding <level>/<split>/*.z8 TextWorld games")
     level: str = arg("easy", "game level: easy (~7-step walkthroughs) or tutorial (~15 steps)")
     make_games: bool = arg(False, "regenerate the bundled games with tw-make into --games, then exit")
-    max_steps: int = arg(0, "step limit of an episode (0 = 3 x the level's longest walkthrough)")
+    max_steps: int = arg(0, "step limit of an episode (0 = 2 x the level's longest walkthrough)")
     history: int = arg(0, "how many past (action, observation) pairs the prompt shows in full")
     win_bonus: float = arg(1.0, "reward added on a win, on top of the score increase")
     # model
@@ -302,12 +302,13 @@ class Game:
 
 
 def default_max_steps(folder: str, level: str) -> int:
-    """3 x the longest walkthrough among the level's train games (read from the game's .json metadata)."""
+    """2 x the longest walkthrough among the level's train games (read from the game's .json metadata). On the easy
+    level greedy SFT policies won within 21 steps (33 wins in two runs on 32 validation games); losses are loops."""
     longest = 0
     for z8 in list_games(folder, level, "train"):
         with open(z8[:-3] + ".json") as f:
             longest = max(longest, len(json.load(f)["metadata"]["walkthrough"]))
-    return 3 * longest
+    return 2 * longest
 
 
 SYSTEM = "You are playing a text adventure game. Choose exactly one valid action."
@@ -336,7 +337,7 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     lines += [step.observation, f"Inventory: {step.inventory}"]
     exits = [f"{a} ({'to ' + step.exits[a] if a in step.exits else 'not taken yet'})"
              for a in step.actions if a.startswith("go ")]
-    if exits:  # the map: the expert never walks back the way it came, so this is what it teaches to explore
+    if exits:  # the expert rarely walks back (8 of 65 moves in the easy train games): imitating it, one explores
         lines.append("Exits: " + ", ".join(exits))
     lines.append("Valid actions: " + ", ".join(step.actions))
     user = "\n".join(lines)
