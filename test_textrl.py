@@ -88,22 +88,26 @@ def test_random_agent_truncates_at_step_limit_without_terminal():
         assert all(not (t.terminal and t.truncated) for t in ep)
 
 
-def test_easy_prompts_median_under_300_tokens(tokenizer):
+def test_easy_prompts_median_under_200_tokens(tokenizer):
     cfg = textrl.Config()
     demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:8], tokenizer, cfg)
     lengths = [len(tokenizer.encode(d.prompt)) for d in demos]
-    assert statistics.median(lengths) < 300, statistics.median(lengths)
+    assert statistics.median(lengths) < 200, statistics.median(lengths)
     assert all(d.action in d.actions for d in demos)
 
 
 def test_prompt_memory_earlier_actions_room_and_recipe(tokenizer):
     recipe = "Recipe #1\nIngredients:\nred apple\nDirections:\n  prepare meal"
     history = [("go west", "-= Kitchen =-\nA table."), ("examine cookbook", recipe), ("open fridge", "You open it.")]
-    step = textrl.Step("You open it.", "You are carrying nothing.", "Cook!", ["close fridge", "take red apple"], [])
+    actions = ["close fridge", "go east", "go north", "open wooden door", "take red apple"]
+    step = textrl.Step("You open it.", "You are carrying nothing.", "Cook!", actions, [], exits={"go east": "Hall"})
     prompt = textrl.build_prompt(tokenizer, step, history, k=0)
     assert "Earlier actions: go west, examine cookbook\n" in prompt and "Location: Kitchen\n" in prompt
-    assert "Recipe: red apple Directions: prepare meal\n" in prompt and prompt.count("red apple") == 2
-    assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\nValid actions: close fridge" in prompt
+    assert "Recipe: red apple Directions: prepare meal\n" in prompt and prompt.count("red apple") == 1
+    assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\n" in prompt
+    # the map: new ways (a door not taken, a closed door), then the doors taken; the valid commands are not listed
+    assert "\nUnexplored: go north, open wooden door\nExplored: go east (to Hall)<" in prompt
+    assert "close fridge" not in prompt
     shown = textrl.build_prompt(tokenizer, step, history, k=1)  # the cookbook pair in full: no separate recipe line
     assert "Earlier actions: go west\n" in shown and "Recipe:" not in shown and "> examine cookbook\nRecipe #1" in shown
 
@@ -119,7 +123,7 @@ def test_exits_map_where_each_door_was_found_to_lead(tokenizer):
     assert there.exits == {back: first} and first != second  # the way back is known; every other exit is new
     prompt = textrl.build_prompt(tokenizer, there, game.history, 0)
     others = [a for a in there.actions if a.startswith("go ") and a != back]
-    assert f"{back} (to {first})" in prompt and all(f"{a} (not taken yet)" in prompt for a in others)
+    assert f"Explored: {back} (to {first})" in prompt and all(a in prompt.split("Unexplored: ")[1] for a in others)
     again = game.step(back)[0]
     assert again.exits[go] == second  # back in the first room: the door taken is now mapped
 
