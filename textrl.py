@@ -103,7 +103,7 @@ class Config:
     # evaluation
     eval_games: int = arg(0, "evaluate on the first N games of a split (0 = all)")
     eval_split: str = arg("test", "split of the results table: test, or valid while tuning settings")
-    sampled: bool = arg(False, "also evaluate each policy sampling a ~ pi(.|s) (a second row each; greedy is argmax)")
+    sampled: bool = arg(True, "also evaluate each policy sampling a ~ pi(.|s): a second row each (greedy = argmax)")
     checkpoint: str = arg("", "evaluate a saved policy (a checkpoint folder) instead of training")
     resume: bool = arg(False, "continue the run in runs/<run-name> from its last checkpoint")
 
@@ -1332,7 +1332,7 @@ def run(cfg: Config):
     say(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
 
     def evaluate_policy(name: str):
-        """The policy's rows of the table: greedy (argmax, the usual report) and, with --sampled, a ~ pi(.|s)."""
+        """The policy's rows of the table: greedy (argmax, the usual report) and a ~ pi(.|s) (--no-sampled: not)."""
         stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name))
         if cfg.sampled:
             stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer, name))
