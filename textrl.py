@@ -1332,7 +1332,7 @@ def run(cfg: Config):
     say(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
 
     def evaluate_policy(name: str):
-        """The policy's rows of the table: greedy (argmax, the usual report) and a ~ pi(.|s) (--no-sampled: not)."""
+        """The policy's rows of the table: greedy (argmax, the usual report) and, unless --no-sampled, a ~ pi(.|s)."""
         stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name))
         if cfg.sampled:
             stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer, name))
