@@ -340,7 +340,7 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     # The player's map, split in two lists: the ways not tried yet (doors not taken, and closed doors: TextWorld names
     # them '... door') and the doors taken, with where they led. The expert takes a new way in 57 of its 65 moves on
     # the easy train games, so imitating it means copying from the first list: the policy explores instead of looping.
-    new = [a for a in step.actions if a.startswith("go ") and a not in step.exits or re.fullmatch(r"open .*door", a)]
+    new = [a for a in step.actions if (a.startswith("go ") and a not in step.exits) or re.fullmatch(r"open .*door", a)]
     if new:
         lines.append("Unexplored: " + ", ".join(new))
     if step.exits:
