@@ -79,6 +79,20 @@ def test_walkthrough_wins_every_game(level, split):
         assert "inventory" not in [t.actions[t.action] for t in ep]  # a no-op: the prompt shows the inventory
 
 
+def test_play_refills_the_batch_as_games_end():
+    games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:5]
+    sizes = []  # how many games each agent call plays
+
+    def agent(gs, prompts):
+        sizes.append(len(gs))
+        return textrl.walkthrough_agent(gs, prompts)
+    episodes, played = textrl.play(games, agent, textrl.Config(max_steps=100), None, batch=2)
+    assert [g.path for g in played] == games and all(g.last.won for g in played)
+    assert [len(ep) for ep in episodes] == [g.t for g in played] and sum(sizes) == sum(g.t for g in played)
+    assert len({g.t for g in played}) > 1  # games of different lengths: a batch-at-a-time loop would shrink and regrow
+    assert sizes == sorted(sizes, reverse=True)  # a finished game's slot is refilled at once: 2, 2, ..., 2, 1, 1
+
+
 def test_random_agent_truncates_at_step_limit_without_terminal():
     games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:4]
     episodes, played = textrl.play(games, textrl.random_agent(random.Random(0)), textrl.Config(max_steps=3), None)
@@ -103,7 +117,7 @@ def test_prompt_memory_earlier_actions_room_and_recipe(tokenizer):
     step = textrl.Step("You open it.", "You are carrying nothing.", "Cook!", actions, [], exits={"go east": "Hall"})
     prompt = textrl.build_prompt(tokenizer, step, history, k=0)
     assert "Earlier actions: go west, examine cookbook\n" in prompt and "Location: Kitchen\n" in prompt
-    assert "Recipe: red apple Directions: prepare meal\n" in prompt and prompt.count("red apple") == 1
+    assert "Recipe: red apple (not carried); then: prepare meal\n" in prompt and prompt.count("red apple") == 1
     assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\n" in prompt
     # the map: new ways (a door not taken, a closed door), then the doors taken; the valid commands are not listed
     assert "\nUnexplored: go north, open wooden door\nExplored: go east (to Hall)<" in prompt
@@ -363,20 +377,20 @@ def test_sft_loss_is_cross_entropy_on_action_tokens_only():
     assert math.isclose(textrl.sft_loss(hidden, head, labels).item(), expected, rel_tol=1e-6)
 
 
-def test_sft_batch_masks_the_prompt(tokenizer):
+def test_demo_loss_is_the_mean_action_token_nll_of_full_sequences(tokenizer):
+    # Reference: each (prompt + action) sequence run alone, without padding; the naive scorer's sum of
+    # the action's token log-probs. The batch loss is their sum over both demos / the number of action tokens.
     policy = tiny_policy(tokenizer)
-    demo = textrl.Demo(PROMPTS[1], "open door", ACTIONS[1])
-    ids, mask, labels = textrl.sft_batch(policy, [demo, textrl.Demo(PROMPTS[0], "look", ACTIONS[0])])
-    action = textrl.encode_action(tokenizer, "open door")
-    n_prompt = len(tokenizer.encode(PROMPTS[1], add_special_tokens=False))
-    row = labels[0][mask[0].bool()].tolist()
-    assert row == [-100] * (n_prompt - 1) + action + [-100]
-    # the loss through the batch equals minus the scorer's log-prob of the action, per token
+    demos = [textrl.Demo(PROMPTS[1], "open door", ACTIONS[1]), textrl.Demo(PROMPTS[0], "look", ACTIONS[0])]
+    log_p = [naive_scores(policy, d.prompt, [d.action])[0].item() for d in demos]
+    n_action = [len(textrl.encode_action(tokenizer, d.action)) for d in demos]
+    n_prompt = [len(tokenizer.encode(d.prompt, add_special_tokens=False)) for d in demos]
     with torch.no_grad():
-        loss = textrl.sft_loss(policy.lm.base_model(input_ids=ids[:1], attention_mask=mask[:1]).last_hidden_state,
-                               policy.lm.get_output_embeddings(), labels[:1])
-        score = policy([PROMPTS[1]], [["open door"]])[0][0][0]
-    assert math.isclose(loss.item(), -score.item() / len(action), rel_tol=1e-4)
+        loss, tokens = textrl.demo_loss(policy, demos)
+        alone, _ = textrl.demo_loss(policy, demos[:1])  # a batch of one: no padding
+    assert math.isclose(loss.item(), -sum(log_p) / sum(n_action), rel_tol=1e-4)
+    assert math.isclose(alone.item(), -log_p[0] / n_action[0], rel_tol=1e-4)
+    assert tokens == sum(n_prompt) + sum(n_action)
 
 
 def test_choice_loss_adds_the_policy_cross_entropy_over_valid_commands(tokenizer):
@@ -684,12 +698,9 @@ def test_bench_sft_tokens_per_second_4bit_vs_32bit():
         lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
         policy = textrl.Policy(lm, tok).train()
         demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)[:2]
-        ids, mask, labels = textrl.sft_batch(policy, demos)
-
-        def step():
-            h = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            textrl.sft_loss(h, lm.get_output_embeddings(), labels).backward()
-        print(f"\nSFT forward+backward, {bits}-bit: {int(mask.sum()) / median_seconds(step, 3):.0f} tokens/s")
+        tokens = textrl.demo_loss(policy, demos)[1]
+        step = lambda: textrl.demo_loss(policy, demos)[0].backward()
+        print(f"\nSFT forward+backward, {bits}-bit: {tokens / median_seconds(step, 3):.0f} tokens/s")
 
 
 @pytest.mark.bench

@@ -318,7 +318,8 @@ SYSTEM = "You are playing a text adventure game. Choose exactly one valid action
 def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) -> str:
     """The state s_t as text. A text game is partially observed: the screen shows one room, so the prompt carries a
     compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the
-    recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last
+    recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end) with which of its
+    ingredients the player carries (a copy task: the one to look for, by name), the k last
     (action, observation) pairs in full, the current observation, inventory, and a map: which ways out are unexplored,
     where the others led; in the chat format. The valid commands are not listed: the policy scores each of them as
     the answer (section 5), so a list would only repeat them (~30% of the tokens of the prompt)."""
@@ -330,8 +331,11 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     if rooms and "-= " not in step.observation:
         lines.append(f"Location: {rooms[-1]}")
     recipe = [obs for a, obs in older if a == "examine cookbook"]
-    if recipe:
-        lines.append("Recipe: " + re.sub(r"\s+", " ", recipe[-1].split("Ingredients:")[-1]).strip())
+    if recipe:  # 'Ingredients:\nwater\nDirections:\nprepare meal' -> 'Recipe: water (not carried); then: prepare meal'
+        ingredients, _, directions = recipe[-1].split("Ingredients:")[-1].partition("Directions:")
+        items, todo = ([x.strip() for x in text.splitlines() if x.strip()] for text in (ingredients, directions))
+        lines.append("Recipe: " + ", ".join(f"{x} ({'carried' if x in step.inventory else 'not carried'})"
+                                            for x in items) + "; then: " + ", ".join(todo))
     for action, obs in history[len(older):-1]:
         lines += [f"> {action}", obs]
     if history:
@@ -1010,31 +1014,31 @@ def llm_agent(policy: Policy, greedy: bool):
 
 
 def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", batch: int = 8):
-    """Play each game once with `agent`, `batch` games in lockstep (one batched LLM call per step across games).
+    """Play each game once with `agent`, up to `batch` games in lockstep (one batched LLM call per step across games).
+    When a game ends, the next one takes its place at the following step (continuous batching, as LLM servers do):
+    the batch stays full instead of dwindling to the one game that loops until the step limit.
     Returns one list of Transitions per game and the Game objects (for their final score and result)."""
-    episodes, finished = [], []
+    games, episodes = [None] * len(paths), [[] for _ in paths]
+    waiting, active = list(range(len(paths))), []  # indices of the games not started yet / being played
     bar = tqdm(total=len(paths), desc=desc, leave=False, disable=rank() > 0)
-    for i in range(0, len(paths), batch):
-        games = [Game(p, cfg.max_steps, cfg.win_bonus) for p in paths[i:i + batch]]
-        trajectories = [[] for _ in games]
-        for g in games:
-            g.reset()
-        active = list(range(len(games)))
-        while active:
-            prompts = [build_prompt(tokenizer, games[j].last, games[j].history, cfg.history) if tokenizer else ""
-                       for j in active]  # baselines play without a tokenizer
-            picks, logps, values = agent([games[j] for j in active], prompts)
-            for j, prompt, a, lp, v in zip(list(active), prompts, picks, logps, values):
-                actions = games[j].last.actions
-                _, reward, terminal, truncated = games[j].step(actions[a])
-                trajectories[j].append(Transition(prompt, actions, a, lp, v, reward, terminal, truncated))
-                if terminal or truncated:
-                    active.remove(j)
-                    bar.update()
-        episodes += trajectories
-        finished += games
+    while waiting or active:
+        while waiting and len(active) < batch:
+            j = waiting.pop(0)
+            games[j] = Game(paths[j], cfg.max_steps, cfg.win_bonus)
+            games[j].reset()
+            active.append(j)
+        prompts = [build_prompt(tokenizer, games[j].last, games[j].history, cfg.history) if tokenizer else ""
+                   for j in active]  # baselines play without a tokenizer
+        picks, logps, values = agent([games[j] for j in active], prompts)
+        for j, prompt, a, lp, v in zip(list(active), prompts, picks, logps, values):
+            actions = games[j].last.actions
+            _, reward, terminal, truncated = games[j].step(actions[a])
+            episodes[j].append(Transition(prompt, actions, a, lp, v, reward, terminal, truncated))
+            if terminal or truncated:
+                active.remove(j)
+                bar.update()
     bar.close()
-    return episodes, finished
+    return episodes, games
 
 
 def summarize(games: list[Game]) -> dict:
