@@ -318,8 +318,7 @@ SYSTEM = "You are playing a text adventure game. Choose exactly one valid action
 def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) -> str:
     """The state s_t as text. A text game is partially observed: the screen shows one room, so the prompt carries a
     compact memory to make the state (nearly) Markov: every earlier command (a loop is then visible), the room, the
-    recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end) with which of its
-    ingredients the player carries (a copy task: the one to look for, by name), the k last
+    recipe once read (the cooking games show it once, in the cookbook, and it is needed to the end), the k last
     (action, observation) pairs in full, the current observation, inventory, and a map: which ways out are unexplored,
     where the others led; in the chat format. The valid commands are not listed: the policy scores each of them as
     the answer (section 5), so a list would only repeat them (~30% of the tokens of the prompt)."""
@@ -331,11 +330,8 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     if rooms and "-= " not in step.observation:
         lines.append(f"Location: {rooms[-1]}")
     recipe = [obs for a, obs in older if a == "examine cookbook"]
-    if recipe:  # 'Ingredients:\nwater\nDirections:\nprepare meal' -> 'Recipe: water (not carried); then: prepare meal'
-        ingredients, _, directions = recipe[-1].split("Ingredients:")[-1].partition("Directions:")
-        items, todo = ([x.strip() for x in text.splitlines() if x.strip()] for text in (ingredients, directions))
-        lines.append("Recipe: " + ", ".join(f"{x} ({'carried' if x in step.inventory else 'not carried'})"
-                                            for x in items) + "; then: " + ", ".join(todo))
+    if recipe:
+        lines.append("Recipe: " + re.sub(r"\s+", " ", recipe[-1].split("Ingredients:")[-1]).strip())
     for action, obs in history[len(older):-1]:
         lines += [f"> {action}", obs]
     if history:
@@ -1117,9 +1113,10 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
 
     def validate() -> float:
-        """Greedy win rate on the validation games; the best policy so far is saved to best/."""
+        """Greedy win rate on the validation games; the best policy so far is saved to best/. A tie keeps the earlier
+        policy: a PPO update must beat the policy it started from on validation to replace it."""
         win = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")["win_rate"]
-        if win >= counters["best_win_rate"]:
+        if win > counters["best_win_rate"]:
             counters["best_win_rate"] = win
             if rank() == 0:
                 save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
