@@ -579,7 +579,7 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     """zero-shot -> SFT -> PPO -> evaluation on one game with SmolLM2-135M in 4 bits, PPO invariants asserted."""
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
     args = ["--eval-games", "1", "--train-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
-            "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug", "--sampled"]
+            "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
@@ -592,6 +592,10 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r for r in ppo)
     assert (run_dir / "curves.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last" / "adapter_model.safetensors").exists()
+    # the same command again, without --resume: refused, the run's files untouched
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), "already holds a run: pass --resume")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
     # the saved policy evaluates with --checkpoint
     proc = run_cli("--checkpoint", str(run_dir / "checkpoints" / "last"), "--eval-games", "1", "--max-steps", "4",
                    "--run-name", "check", cwd=tmp_path)

@@ -1299,6 +1299,9 @@ def run(cfg: Config):
         Game(path, 1)  # fail early, with a clear message, on a file that is not a game
     cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
     run_dir = os.path.join("runs", cfg.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.resume and not cfg.checkpoint and os.path.exists(os.path.join(run_dir, "results.json")):
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-name "
+                        "(nothing was overwritten)")
     os.makedirs(run_dir, exist_ok=True)
     say = print if rank() == 0 else lambda *a, **k: None
     metrics_path, results_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "results.json")
