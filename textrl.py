@@ -1284,12 +1284,12 @@ def run(cfg: Config):
         Game(path, 1)  # fail early, with a clear message, on a file that is not a game
     cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
     run_dir = os.path.join("runs", cfg.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not cfg.resume and os.path.exists(os.path.join(run_dir, "results.json")):  # never overwrite a run
+    metrics_path, results_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "results.json")
+    if not cfg.resume and os.path.exists(results_path):  # never overwrite a run
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-name "
                         "(nothing was overwritten)")
     os.makedirs(run_dir, exist_ok=True)
     say = print if rank() == 0 else lambda *a, **k: None
-    metrics_path, results_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "results.json")
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
     timings = results.pop("_seconds", {})
 
