@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -351,12 +352,19 @@ def build_prompt(tokenizer, step: Step, history: list[tuple[str, str]], k: int) 
     return f"{SYSTEM}\n{user}\nAction:"
 
 
+@functools.cache
+def end_of_turn(tokenizer) -> int:
+    """The id of the token that closes an answer: <|im_end|> in ChatML models, else end-of-sequence. Cached:
+    get_vocab() builds a 49k-entry dict (14 ms), and scoring asks once per candidate (~40% of a scoring call)."""
+    end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(end)
+
+
 def encode_action(tokenizer, action: str) -> list[int]:
     """Token ids of a command as the model writes it, closed by the end-of-turn token: 'take knife' and 'take knife
     from counter' become different complete answers instead of one being a prefix of the other."""
-    end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
     text = action if tokenizer.chat_template else " " + action
-    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(end)]
+    return tokenizer.encode(text, add_special_tokens=False) + [end_of_turn(tokenizer)]
 
 
 # ---- 2. Expert demonstrations ------------------------------------------------------------------------------------
