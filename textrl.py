@@ -78,7 +78,7 @@ class Config:
     sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = skip SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (AdamW, linear warm-up then linear decay)")
     sft_batch: int = arg(8, "demonstrations per optimizer step")
-    micro_batch: int = arg(2, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
+    micro_batch: int = arg(4, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (SFT and PPO)")
     save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
     train_games: int = arg(0, "use only the first N train games (0 = all)")
