@@ -566,7 +566,7 @@ def test_cli_unknown_model_and_bad_flags(tmp_path):
 def test_end_to_end_with_the_embedded_model(tmp_path):
     """zero-shot -> SFT -> PPO -> evaluation on one game with SmolLM2-135M in 4 bits, PPO invariants asserted."""
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
-    args = ["--eval-games", "1", "--train-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
+    args = ["--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
             "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -746,7 +746,7 @@ def test_two_processes_with_torchrun_train_like_one(tokenizer, tmp_path):
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
-    args = ["--model", str(model_dir), "--bits", "32", "--train-games", "2", "--sft-batch", "4", "--micro-batch", "1",
+    args = ["--model", str(model_dir), "--bits", "32", "--demo-games", "2", "--sft-batch", "4", "--micro-batch", "1",
             "--lora-dropout", "0", "--ppo-updates", "0", "--eval-games", "2", "--max-steps", "2"]
     one = run_cli(*args, "--run-name", "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -81,7 +81,7 @@ class Config:
     micro_batch: int = arg(4, "states per forward pass; gradients accumulate over a batch (SFT and PPO)")
     max_grad_norm: float = arg(1.0, "gradient-norm clip (SFT and PPO)")
     save_every: int = arg(10, "write a checkpoint every N optimizer steps (and at the end of each stage)")
-    train_games: int = arg(0, "use only the first N train games (0 = all)")
+    demo_games: int = arg(0, "SFT on the walkthroughs of only the first N train games (0 = all; PPO plays them all)")
     dagger_games: int = arg(0, "DAgger: after each SFT epoch, label the states the policy visits in N train games")
     # PPO
     ppo_updates: int = arg(2, "PPO updates, each = rollouts + GAE + optimization epochs (0 = skip PPO)")
@@ -1286,7 +1286,6 @@ def run(cfg: Config):
     if cfg.eval_split not in ("valid", "test"):
         raise UserError(f"--eval-split must be valid or test, got {cfg.eval_split!r}")
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", cfg.eval_split))
-    train = train[:cfg.train_games or None]
     test, valid = test[:cfg.eval_games or None], valid[:cfg.eval_games or None]
     for path in train[:1] + valid[:1] + test[:1]:
         Game(path, 1)  # fail early, with a clear message, on a file that is not a game
@@ -1345,8 +1344,9 @@ def run(cfg: Config):
         if "zero-shot" not in results:
             evaluate_policy("zero-shot")
         if cfg.sft_epochs and "ppo_update" not in counters:
-            demos, val_demos = expert_demos(train, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
-            say(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(train)} games")
+            demo_paths = train[:cfg.demo_games or None]
+            demos, val_demos = expert_demos(demo_paths, tokenizer, cfg), expert_demos(valid, tokenizer, cfg)
+            say(f"SFT on {len(demos)} expert (prompt, action) pairs from {len(demo_paths)} games")
             stage("SFT training", lambda: train_sft(policy, demos, val_demos, cfg, log, ckpt, resume_from,
                                                     dagger_paths=train[:cfg.dagger_games]), keep=False)
             resume_from = None
