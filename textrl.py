@@ -1295,6 +1295,8 @@ def run(cfg: Config):
     if not cfg.resume and os.path.exists(results_path):  # never overwrite a run
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-name "
                         "(nothing was overwritten)")
+    if world() > 1:
+        torch.distributed.barrier()  # every process has checked before rank 0 writes anything into run_dir
     os.makedirs(run_dir, exist_ok=True)
     say = print if rank() == 0 else lambda *a, **k: None
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
