@@ -696,6 +696,29 @@ def test_bench_sft_tokens_per_second_4bit_vs_32bit():
 
 
 @pytest.mark.bench
+def test_bench_ppo_update_tokens_per_second_4bit_vs_32bit():
+    """One PPO micro-batch (4 states) forward + backward: the scorer's prompt and candidate tokens per second."""
+    cfg = textrl.Config()
+    for bits in (4, 32):
+        lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
+        policy = textrl.Policy(lm, tok).train()
+        demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)[:4]
+        batch = [textrl.Transition(d.prompt, d.actions, d.actions.index(d.action), -1.0, 0.0, 1.0, False, False)
+                 for d in demos]
+        tokens = sum(len(tok.encode(d.prompt)) + sum(len(textrl.encode_action(tok, a)) for a in d.actions)
+                     for d in demos)
+        n = len(batch)
+
+        def step():
+            logp, entropy, values = textrl.score_batch(policy, batch)
+            loss, _ = textrl.ppo_loss(logp, logp.detach(), logp.detach(), torch.ones(n), values.float(), torch.zeros(n),
+                                      torch.ones(n), entropy, cfg)
+            loss.backward()
+        print(f"\nPPO forward+backward, {bits}-bit: {tokens / median_seconds(step, 3):.0f} tokens/s "
+              "(prompt + candidate tokens)")
+
+
+@pytest.mark.bench
 def test_bench_rollout_steps_per_second(smollm_policy):
     policy, cfg = smollm_policy
     games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:4]
