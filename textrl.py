@@ -367,6 +367,24 @@ def encode_action(tokenizer, action: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) + [end_of_turn(tokenizer)]
 
 
+def candidate_tree(tokenizer, actions: list[str]) -> tuple[list[int], list[int], list[list[int]]]:
+    """The commands' tokens merged into a prefix tree, so that commands which begin alike ('take yellow bell pepper
+    from fridge', 'take yellow potato from fridge') share the nodes of their common beginning (~25% fewer tokens to
+    score on the easy games). Node n holds token ids[n] and follows node parents[n] (-1: it follows the prompt);
+    paths[c] lists the nodes that spell command c, its end-of-turn token last."""
+    ids, parents, paths, node = [], [], [], {}  # node: token prefix -> its node
+    for action in actions:
+        path, tokens = [], encode_action(tokenizer, action)
+        for j in range(len(tokens)):
+            if tuple(tokens[:j + 1]) not in node:
+                node[tuple(tokens[:j + 1])] = len(ids)
+                ids.append(tokens[j])
+                parents.append(path[-1] if path else -1)
+            path.append(node[tuple(tokens[:j + 1])])
+        paths.append(path)
+    return ids, parents, paths
+
+
 # ---- 2. Expert demonstrations ------------------------------------------------------------------------------------
 @dataclass
 class Demo:
@@ -715,7 +733,7 @@ class Policy(nn.Module):
     def forward(self, prompts: list[str], actions: list[list[str]]):
         """Candidate logits (list of (C_b,) tensors: log p(a|s) of each valid command) and values (B,).
         The prompt runs once; all candidates of a state are then packed in one row that reads the prompt's
-        KV cache, each candidate masked so that it sees the prompt and itself only."""
+        KV cache, as a prefix tree masked so that each candidate sees the prompt and itself only."""
         device, tok = self.value_head.weight.device, self.tokenizer
         body, head = self.lm.base_model, self.lm.get_output_embeddings()
         # 1) the prompts. Their common beginning (chat header, system prompt, goal) runs once and its KV cache is
@@ -735,36 +753,41 @@ class Policy(nn.Module):
                    position_ids=P + torch.arange(T, device=device)[None].expand(B, T))
         h_last = out.last_hidden_state[torch.arange(B, device=device), lengths - 1]  # (B, H): state s
         values = self.value_head(h_last.float()).squeeze(-1)  # (B,)
-        # 2) the candidates of state b packed in row b: [a_1 ..., <end>, a_2 ..., <end>, ...], right-padded: (B, S)
-        rows = [[encode_action(tok, a) for a in acts] for acts in actions]
-        c_ids = [sum(r, []) for r in rows]
-        seg = [sum(([j] * len(a) for j, a in enumerate(r)), []) for r in rows]  # which candidate each token is in
-        pos = [sum((list(range(len(a))) for a in r), []) for r in rows]  # position within its candidate
-        S = max(map(len, c_ids))
-        pad = lambda xs, v: torch.tensor([x + [v] * (S - len(x)) for x in xs], device=device)
-        c_ids, seg, pos = pad(c_ids, 0), pad(seg, -1), pad(pos, 0)  # (B, S) each; seg = -1 on padding
-        # 3) attention: a candidate token sees the real prompt tokens and the earlier tokens of its own candidate
-        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-        own = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, S, S)
-        attn = torch.cat([seen[:, None, :].expand(B, S, P + T), own], dim=-1)[:, None]  # (B, 1, S, P + T + S)
-        h = body(input_ids=c_ids, attention_mask=attn, position_ids=P + lengths[:, None] + pos,
+        # 2) the candidates of state b merged into a prefix tree, its nodes packed in row b: (B, S)
+        trees = [candidate_tree(tok, acts) for acts in actions]
+        S = max(len(ids) for ids, _, _ in trees)
+        c_ids, parent = torch.zeros(B, S, dtype=torch.long), torch.full((B, S), -1)  # parent -1: follows the prompt
+        depth, tree = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, S, dtype=torch.bool)
+        for b, (ids, parents, _) in enumerate(trees):
+            for n, p in enumerate(parents):  # a parent comes before its children, so its row is already filled
+                c_ids[b, n], parent[b, n] = ids[n], p
+                if p >= 0:
+                    tree[b, n], depth[b, n] = tree[b, p], depth[b, p] + 1
+                tree[b, n, n] = True  # tree[b, i, j]: node j is node i or one of its ancestors
+        c_ids, parent, depth, tree = c_ids.to(device), parent.to(device), depth.to(device), tree.to(device)
+        real = torch.arange(S, device=device)[None] < torch.tensor([len(t[0]) for t in trees], device=device)[:, None]
+        # 3) attention: a node sees the real prompt tokens and its own path (its ancestors and itself), so each
+        # candidate is scored as if it followed the prompt alone; its position is the prompt's length + its depth
+        attn = torch.cat([seen[:, None, :].expand(B, S, P + T), tree], dim=-1)[:, None]  # (B, 1, S, P + T + S)
+        h = body(input_ids=c_ids, attention_mask=attn, position_ids=P + lengths[:, None] + depth,
                  cache=out.cache).last_hidden_state  # (B, S, H)
-        # 4) token y_j is predicted by the hidden state before it: the prompt's last one for j = 1
-        prev = torch.cat([h_last[:, None], h[:, :-1]], dim=1)  # (B, S, H)
-        pred = torch.where((pos == 0)[..., None], h_last[:, None], prev)  # (B, S, H)
-        real = seg >= 0  # (B, S)
-        # [algo] log p_LM(y_j | s, y_<j), with the LM head only on candidate tokens: (N_tokens, V) -> (N_tokens,)
+        # 4) a node's token is predicted by its parent's hidden state, or by the prompt's last one for a first token
+        prev = h.gather(1, parent.clamp(min=0)[..., None].expand(B, S, h.shape[-1]))  # (B, S, H)
+        pred = torch.where((parent < 0)[..., None], h_last[:, None], prev)  # (B, S, H)
+        # [algo] log p_LM(y_j | s, y_<j), with the LM head only on real nodes: (N_nodes, V) -> (N_nodes,)
         logp = head(pred[real]).float().log_softmax(-1).gather(-1, c_ids[real][:, None]).squeeze(-1)
-        # 5) sum per candidate: log p(a | s) = sum_j log p_LM(y_j | ...)
-        n_cands = torch.tensor([len(a) for a in actions], device=device)  # (B,)
-        first = torch.cumsum(n_cands, 0) - n_cands  # index of each state's first candidate in the flat list
-        cand = (first[:, None] + seg)[real]  # (N_tokens,) flat candidate index of each token
-        scores = torch.zeros(int(n_cands.sum()), device=device).index_add(0, cand, logp)
+        node_logp = torch.zeros(B * S, device=device).masked_scatter(real.reshape(-1), logp)  # (B * S,)
+        # 5) sum along each candidate's path: log p(a | s) = sum_j log p_LM(y_j | ...)
+        n_cands = [len(paths) for _, _, paths in trees]
+        cand = [c for c, path in enumerate(p for _, _, paths in trees for p in paths) for _ in path]  # (N_path,)
+        node = [b * S + n for b, (_, _, paths) in enumerate(trees) for path in paths for n in path]  # (N_path,)
+        cand, node = torch.tensor(cand, device=device), torch.tensor(node, device=device)
+        scores = torch.zeros(sum(n_cands), device=device).index_add(0, cand, node_logp[node])
         if self.length_norm:
             # The sum makes every extra token cost probability, so short commands are favoured; the mean removes
             # that bias, but pi is then a softmax of mean scores, no longer the probability the LM gives the string.
-            scores = scores / torch.zeros_like(scores).index_add(0, cand, torch.ones_like(logp))
-        return list(scores.split(n_cands.tolist())), values
+            scores = scores / torch.zeros_like(scores).index_add(0, cand, torch.ones_like(cand, dtype=scores.dtype))
+        return list(scores.split(n_cands)), values
 
 
 @torch.no_grad()
