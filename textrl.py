@@ -1050,6 +1050,7 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
             episodes[j].append(Transition(prompt, actions, a, lp, v, reward, terminal, truncated))
             if terminal or truncated:
                 active.remove(j)
+                games[j].env.close()  # free the game's interpreter; the Game keeps its result and last state
                 bar.update()
     bar.close()
     return episodes, games
