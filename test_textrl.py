@@ -340,6 +340,22 @@ def test_kv_cache_scoring_equals_full_sequences(tokenizer, bits):
             alone, v = policy(PROMPTS[i:i + 1], ACTIONS[i:i + 1])
             torch.testing.assert_close(alone[0], scores[i], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(v[0], values[i], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # commands that share their first tokens (one node each in the prefix tree)
+        shared = policy(PROMPTS, [SHARED, ACTIONS[1]])[0][0]
+    torch.testing.assert_close(shared, naive_scores(policy, PROMPTS[0], SHARED), rtol=1e-4, atol=1e-4)
+
+
+SHARED = ["take red apple from fridge", "take red apple", "take red hot pepper from fridge", "go north", "go south"]
+
+
+def test_candidate_tree_spells_each_command_once_per_prefix(tokenizer):
+    ids, parents, paths = textrl.candidate_tree(tokenizer, SHARED)
+    commands = [textrl.encode_action(tokenizer, a) for a in SHARED]
+    for path, tokens in zip(paths, commands):
+        assert [ids[n] for n in path] == tokens  # the path spells the command, its end-of-turn token last
+        assert [parents[n] for n in path] == [-1] + path[:-1]  # each node follows the one before it
+    assert len(ids) == len({tuple(t[:j + 1]) for t in commands for j in range(len(t))})  # one node per prefix
+    assert len(ids) < sum(map(len, commands))  # so the shared beginnings are scored once
 
 
 def test_policy_is_a_distribution_over_valid_commands(tokenizer):
