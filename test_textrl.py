@@ -699,39 +699,44 @@ def test_bench_kv_cache_scoring_vs_per_candidate(smollm_policy):
           f"per-candidate sequences {t_naive:.2f} s ({t_naive / t_shared:.1f}x)")
 
 
-@pytest.mark.bench
-def test_bench_sft_tokens_per_second_4bit_vs_32bit():
+def bench_4bit_vs_32bit(what: str, n_demos: int, make_step):
+    """Tokens/s of one training step with the 4-bit and the 32-bit SmolLM2: make_step(policy, demos) returns the step
+    and the number of tokens it processes; demos are the first n_demos states of a train game's walkthrough."""
     cfg = textrl.Config()
     for bits in (4, 32):
         lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
         policy = textrl.Policy(lm, tok).train()
-        demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)[:2]
-        tokens = textrl.demo_loss(policy, demos)[1]
-        step = lambda: textrl.demo_loss(policy, demos)[0].backward()
-        print(f"\nSFT forward+backward, {bits}-bit: {tokens / median_seconds(step, 3):.0f} tokens/s")
+        demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)
+        step, tokens = make_step(policy, demos[:n_demos])
+        print(f"\n{what}, {bits}-bit: {tokens / median_seconds(step, 3):.0f} tokens/s")
+
+
+@pytest.mark.bench
+def test_bench_sft_tokens_per_second_4bit_vs_32bit():
+    def make_step(policy, demos):
+        return lambda: textrl.demo_loss(policy, demos)[0].backward(), textrl.demo_loss(policy, demos)[1]
+    bench_4bit_vs_32bit("SFT forward+backward", 2, make_step)
 
 
 @pytest.mark.bench
 def test_bench_ppo_update_tokens_per_second_4bit_vs_32bit():
     """One PPO micro-batch (4 states) forward + backward: the scorer's prompt and candidate tokens per second."""
     cfg = textrl.Config()
-    for bits in (4, 32):
-        lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
-        policy = textrl.Policy(lm, tok).train()
-        demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1], tok, cfg)[:4]
+
+    def make_step(policy, demos):
+        tok, n = policy.tokenizer, len(demos)
         batch = [textrl.Transition(d.prompt, d.actions, d.actions.index(d.action), -1.0, 0.0, 1.0, False, False)
                  for d in demos]
         tokens = sum(len(tok.encode(d.prompt)) + sum(len(textrl.encode_action(tok, a)) for a in d.actions)
                      for d in demos)
-        n = len(batch)
 
         def step():
             logp, entropy, values = textrl.score_batch(policy, batch)
             loss, _ = textrl.ppo_loss(logp, logp.detach(), logp.detach(), torch.ones(n), values.float(), torch.zeros(n),
                                       torch.ones(n), entropy, cfg)
             loss.backward()
-        print(f"\nPPO forward+backward, {bits}-bit: {tokens / median_seconds(step, 3):.0f} tokens/s "
-              "(prompt + candidate tokens)")
+        return step, tokens
+    bench_4bit_vs_32bit("PPO forward+backward (prompt + candidate tokens)", 4, make_step)
 
 
 @pytest.mark.bench
