@@ -758,14 +758,15 @@ class Policy(nn.Module):
         trees = [candidate_tree(tok, acts) for acts in actions]
         S = max(len(ids) for ids, _, _ in trees)
         c_ids, parent = torch.zeros(B, S, dtype=torch.long), torch.full((B, S), -1)  # parent -1: follows the prompt
-        depth, tree = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, S, dtype=torch.bool)
+        tree = torch.zeros(B, S, S, dtype=torch.bool)  # tree[b, i, j]: node j is node i or one of its ancestors
         for b, (ids, parents, _) in enumerate(trees):
             for n, p in enumerate(parents):  # a parent comes before its children, so its row is already filled
                 c_ids[b, n], parent[b, n] = ids[n], p
                 if p >= 0:
-                    tree[b, n], depth[b, n] = tree[b, p], depth[b, p] + 1
-                tree[b, n, n] = True  # tree[b, i, j]: node j is node i or one of its ancestors
-        c_ids, parent, depth, tree = c_ids.to(device), parent.to(device), depth.to(device), tree.to(device)
+                    tree[b, n] = tree[b, p]
+                tree[b, n, n] = True
+        c_ids, parent, tree = c_ids.to(device), parent.to(device), tree.to(device)
+        depth = (tree.sum(-1) - 1).clamp(min=0)  # (B, S): a node's ancestors are its depth (padding: 0)
         real = torch.arange(S, device=device)[None] < torch.tensor([len(t[0]) for t in trees], device=device)[:, None]
         # 3) attention: a node sees the real prompt tokens and its own path (its ancestors and itself), so each
         # candidate is scored as if it followed the prompt alone; its position is the prompt's length + its depth
