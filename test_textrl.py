@@ -606,6 +606,67 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# ---- any local model folder, and the CUDA fast path ------------------------------------------------------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def tiny_model_folder(tokenizer, folder) -> str:
+    """A tiny random Llama saved as a Hugging Face folder (config, safetensors, tokenizer), as --model reads one."""
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_local_model_folder_runs_the_whole_tutorial(tokenizer, tmp_path, device):
+    """--model takes any local folder; on CUDA the same command computes in bf16 with bitsandbytes' 4-bit kernel."""
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
+    proc = run_cli("--model", model, "--device", device, "--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1",
+                   "--sft-batch", "4", "--ppo-updates", "1", "--rollout-games", "2", "--max-steps", "3",
+                   "--eval-every", "1", "--run-name", "t", "--debug", cwd=tmp_path)  # --debug: ratio 1 at the start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"on {device}" in proc.stdout
+    results = json.load(open(tmp_path / "runs" / "t" / "results.json"))
+    assert results["SFT+PPO"]["games"] == 1
+    ppo = [json.loads(line) for line in open(tmp_path / "runs" / "t" / "metrics.jsonl") if '"ppo_update": 1' in line]
+    assert len(ppo) == 1 and np.isfinite(ppo[0]["policy_loss"]) and np.isfinite(ppo[0]["value_loss"])
+
+
+@CUDA
+def test_cuda_fast_path_scores_and_trains_like_cpu_fp32(tokenizer, tmp_path):
+    """load_model on CUDA: NF4 layers run bitsandbytes' kernel on our packed bytes, in bf16 (or fp16). The scores,
+    values and LoRA gradients agree with the fp32 CPU reference up to half-precision rounding."""
+    from unittest import mock
+    cfg = textrl.Config(model=tiny_model_folder(tokenizer, tmp_path / "tiny"), lora_dropout=0.0)
+    policies = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)  # the same LoRA A on both devices
+        with mock.patch.object(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False):  # CPU: fp32 compute
+            lm, tok = textrl.load_model(cfg, torch.device(device))
+        for m in lm.modules():
+            if isinstance(m, textrl.LoRALinear):  # a non-zero B (the same on both devices), so adapters matter
+                m.lora_B.data = torch.linspace(-0.5, 0.5, m.lora_B.numel()).view_as(m.lora_B).to(m.lora_B.device)
+        policies[device] = textrl.Policy(lm, tok)
+        nn.init.constant_(policies[device].value_head.weight, 0.01)
+    nf4 = [m for m in policies["cuda"].lm.modules() if isinstance(m, textrl.NF4Linear)]
+    assert nf4 and all(m.use_bnb for m in nf4) and not any(
+        m.use_bnb for m in policies["cpu"].lm.modules() if isinstance(m, textrl.NF4Linear))
+    half = policies["cuda"].lm.get_output_embeddings().weight.dtype
+    assert half in (torch.bfloat16, torch.float16)
+    grads, outputs = {}, {}
+    for device, policy in policies.items():
+        scores, values = policy(PROMPTS, ACTIONS)
+        outputs[device] = [s.detach().float().cpu() for s in scores] + [values.detach().float().cpu()]
+        loss = sum(s.log_softmax(-1)[0] for s in scores) + values.sum()  # touches every candidate and the value
+        loss.backward()
+        grads[device] = torch.cat([p.grad.float().cpu().reshape(-1) for p in textrl.trainable(policy)])
+    for cuda, cpu in zip(outputs["cuda"], outputs["cpu"]):  # log-probs of ~6 tokens of a 49k vocabulary: ~-60
+        torch.testing.assert_close(cuda, cpu, rtol=3e-2, atol=0.5)
+    cosine = torch.nn.functional.cosine_similarity(grads["cuda"], grads["cpu"], dim=0)
+    assert torch.isfinite(grads["cuda"]).all() and cosine > 0.95, cosine
+
+
 # ---- the 4-bit model against the 32-bit one --------------------------------------------------------------------------
 def test_4bit_smollm2_is_bitsandbytes_nf4_and_its_agreement_with_32bit(tokenizer, capsys):
     """The 4-bit model computes exactly what SmolLM2 with bitsandbytes-dequantized NF4 weights computes; prints its
