@@ -117,10 +117,10 @@ def test_prompt_memory_earlier_actions_room_and_recipe(tokenizer):
     step = textrl.Step("You open it.", "You are carrying nothing.", "Cook!", actions, [], exits={"go east": "Hall"})
     prompt = textrl.build_prompt(tokenizer, step, history, k=0)
     assert "Earlier actions: go west, examine cookbook\n" in prompt and "Location: Kitchen\n" in prompt
-    assert "Recipe: red apple Directions: prepare meal\n" in prompt and prompt.count("red apple") == 1
+    assert "Recipe: red apple Directions: prepare meal<|im_end|>" in prompt and prompt.count("red apple") == 1
     assert "> open fridge\nYou open it.\nInventory: You are carrying nothing.\n" in prompt
     # the map: new ways (a door not taken, a closed door), then the doors taken; the valid commands are not listed
-    assert "\nUnexplored: go north, open wooden door\nExplored: go east (to Hall)<" in prompt
+    assert "\nUnexplored: go north, open wooden door\nExplored: go east (to Hall)\nRecipe: red apple" in prompt
     assert "close fridge" not in prompt
     shown = textrl.build_prompt(tokenizer, step, history, k=1)  # the cookbook pair in full: no separate recipe line
     assert "Earlier actions: go west\n" in shown and "Recipe:" not in shown and "> examine cookbook\nRecipe #1" in shown
