@@ -409,6 +409,26 @@ def test_demo_loss_is_the_mean_action_token_nll_of_full_sequences(tokenizer):
     assert tokens == sum(n_prompt) + sum(n_action)
 
 
+def test_demo_loss_gradients_through_the_shared_prefix_equal_one_sequence_each(tokenizer):
+    # The prompts' common beginning runs once and its KV cache is copied to every row; the adapters' gradients must
+    # still be those of the plain loss: each (prompt + action) run on its own through the whole LM, no cache.
+    policy = tiny_policy(tokenizer)
+    demos = [textrl.Demo(PROMPTS[0], "look", ACTIONS[0]), textrl.Demo(PROMPTS[1], "open door", ACTIONS[1]),
+             textrl.Demo(PROMPTS[0], "take red apple from fridge", ACTIONS[0])]
+    assert textrl.sft_batch(tokenizer, demos)[1] > 0  # the prompts do share a beginning
+    nll, n_tokens = 0.0, 0
+    for d in demos:
+        p, a = tokenizer.encode(d.prompt, add_special_tokens=False), textrl.encode_action(tokenizer, d.action)
+        logp = policy.lm(torch.tensor([p + a])).logits[0].float().log_softmax(-1)  # (T, V)
+        nll = nll - sum(logp[len(p) + j - 1, a[j]] for j in range(len(a)))
+        n_tokens += len(a)
+    params = textrl.trainable(policy.lm)
+    reference = torch.autograd.grad(nll / n_tokens, params)
+    shared = torch.autograd.grad(textrl.demo_loss(policy, demos)[0], params)
+    for g, r in zip(shared, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def fake_demos(n=12):
     rng = random.Random(0)
     return [textrl.Demo(PROMPTS[i % 2], rng.choice(ACTIONS[i % 2]), ACTIONS[i % 2]) for i in range(n)]
@@ -775,7 +795,7 @@ def bench_4bit_vs_32bit(what: str, n_demos: int, make_step):
 @pytest.mark.bench
 def test_bench_sft_tokens_per_second_4bit_vs_32bit():
     def make_step(policy, demos):
-        tokens = int(textrl.sft_batch(policy, demos)[1].sum())  # the count demo_loss returns, without a forward pass
+        tokens = sum(map(len, textrl.sft_batch(policy.tokenizer, demos)[0]))  # demo_loss's count, without a forward
         return lambda: textrl.demo_loss(policy, demos)[0].backward(), tokens
     bench_4bit_vs_32bit("SFT forward+backward", 2, make_step)
 
