@@ -599,11 +599,16 @@ def test_cli_unknown_model_and_bad_flags(tmp_path):
 
 
 # ---- the real embedded model, end to end --------------------------------------------------------------------------
+# The whole tutorial at a tiny budget: one test game, SFT on 2 games' walkthroughs, one PPO update of 2 rollouts,
+# 3 steps per episode; --debug asserts PPO's invariants (ratio 1 at an update's start) as the run goes.
+TINY_RUN = ["--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
+            "--rollout-games", "2", "--max-steps", "3", "--eval-every", "1", "--debug"]
+
+
 def test_end_to_end_with_the_embedded_model(tmp_path):
     """zero-shot -> SFT -> PPO -> evaluation on one game with SmolLM2-135M in 4 bits, PPO invariants asserted."""
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
-    args = ["--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
-            "--rollout-games", "1", "--max-steps", "3", "--eval-every", "1", "--run-name", "e2e", "--debug"]
+    args = TINY_RUN + ["--run-name", "e2e"]
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
@@ -642,9 +647,7 @@ def test_a_local_model_folder_runs_the_whole_tutorial(tokenizer, tmp_path, devic
     """--model takes any local folder; on CUDA the same command computes in bf16 with bitsandbytes' 4-bit kernel."""
     model = tiny_model_folder(tokenizer, tmp_path / "tiny")
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
-    proc = run_cli("--model", model, "--device", device, "--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1",
-                   "--sft-batch", "4", "--ppo-updates", "1", "--rollout-games", "2", "--max-steps", "3",
-                   "--eval-every", "1", "--run-name", "t", "--debug", cwd=tmp_path)  # --debug: ratio 1 at the start
+    proc = run_cli("--model", model, "--device", device, *TINY_RUN, "--run-name", "t", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"on {device}" in proc.stdout
     results = json.load(open(tmp_path / "runs" / "t" / "results.json"))
