@@ -315,15 +315,19 @@ def test_only_adapters_train_and_saved_adapter_loads_in_peft(tokenizer, tmp_path
 
 
 # ---- 5. the policy ---------------------------------------------------------------------------------------------
+def sequence_logp(policy, prompt, action) -> torch.Tensor:
+    """Reference: log p(action | prompt) from the full prompt + action sequence run alone through the whole LM (no
+    cache, no padding): the sum of the action's token log-probs. Differentiable."""
+    tok = policy.tokenizer
+    p, c = tok.encode(prompt, add_special_tokens=False), textrl.encode_action(tok, action)
+    logp = policy.lm(torch.tensor([p + c])).logits[0].float().log_softmax(-1)  # (T, V)
+    return sum(logp[len(p) + j - 1, c[j]] for j in range(len(c)))
+
+
 def naive_scores(policy, prompt, actions):
-    """Reference: run each full prompt + candidate sequence separately and add up the candidate's token log-probs."""
-    tok, scores = policy.tokenizer, []
-    for a in actions:
-        p, c = tok.encode(prompt, add_special_tokens=False), textrl.encode_action(tok, a)
-        with torch.no_grad():
-            logp = policy.lm(torch.tensor([p + c])).logits[0].float().log_softmax(-1)  # (T, V)
-        scores.append(sum(logp[len(p) + j - 1, c[j]].item() for j in range(len(c))))
-    return torch.tensor(scores)
+    """Reference: each full prompt + candidate sequence run separately (sequence_logp)."""
+    with torch.no_grad():
+        return torch.tensor([sequence_logp(policy, prompt, a).item() for a in actions])
 
 
 @pytest.mark.parametrize("bits", [32, 4])
@@ -416,12 +420,8 @@ def test_demo_loss_gradients_through_the_shared_prefix_equal_one_sequence_each(t
     demos = [textrl.Demo(PROMPTS[0], "look", ACTIONS[0]), textrl.Demo(PROMPTS[1], "open door", ACTIONS[1]),
              textrl.Demo(PROMPTS[0], "take red apple from fridge", ACTIONS[0])]
     assert textrl.sft_batch(tokenizer, demos)[1] > 0  # the prompts do share a beginning
-    nll, n_tokens = 0.0, 0
-    for d in demos:
-        p, a = tokenizer.encode(d.prompt, add_special_tokens=False), textrl.encode_action(tokenizer, d.action)
-        logp = policy.lm(torch.tensor([p + a])).logits[0].float().log_softmax(-1)  # (T, V)
-        nll = nll - sum(logp[len(p) + j - 1, a[j]] for j in range(len(a)))
-        n_tokens += len(a)
+    nll = -sum(sequence_logp(policy, d.prompt, d.action) for d in demos)
+    n_tokens = sum(len(textrl.encode_action(tokenizer, d.action)) for d in demos)
     params = textrl.trainable(policy.lm)
     reference = torch.autograd.grad(nll / n_tokens, params)
     shared = torch.autograd.grad(textrl.demo_loss(policy, demos)[0], params)
