@@ -385,7 +385,7 @@ def test_length_norm_scores_the_mean_token_log_prob(tokenizer):
 
 
 # ---- 6. SFT ------------------------------------------------------------------------------------------------------
-def test_sft_loss_is_cross_entropy_on_action_tokens_only():
+def test_token_loss_is_cross_entropy_on_action_tokens_only():
     # 3 positions, vocab 3, identity head: hidden states are the logits. Only positions 1 and 2 carry labels.
     hidden = torch.tensor([[[9.0, -9.0, 0.0], [0.0, math.log(3.0), 0.0], [1.0, 1.0, 1.0]]])
     labels = torch.tensor([[-100, 1, 2]])
@@ -394,7 +394,7 @@ def test_sft_loss_is_cross_entropy_on_action_tokens_only():
         head.weight.copy_(torch.eye(3))
     # by hand: p(1 | pos 1) = 3 / (1 + 3 + 1) = 0.6, p(2 | pos 2) = 1/3; position 0 never counts
     expected = -(math.log(0.6) + math.log(1 / 3)) / 2
-    assert math.isclose(textrl.sft_loss(hidden, head, labels).item(), expected, rel_tol=1e-6)
+    assert math.isclose(textrl.token_loss(hidden, head, labels).item(), expected, rel_tol=1e-6)
 
 
 def test_demo_loss_is_the_mean_action_token_nll_of_full_sequences(tokenizer):
@@ -427,6 +427,24 @@ def test_demo_loss_gradients_through_the_shared_prefix_equal_one_sequence_each(t
     shared = torch.autograd.grad(textrl.demo_loss(policy, demos)[0], params)
     for g, r in zip(shared, reference):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_policy_demo_loss_is_the_nll_of_the_expert_command_among_the_valid_ones(tokenizer):
+    # Reference: every valid command scored as its own full sequence, a softmax over them, -log of the expert's share.
+    policy = tiny_policy(tokenizer)
+    demos = [textrl.Demo(PROMPTS[0], "take red apple from fridge", ACTIONS[0]),
+             textrl.Demo(PROMPTS[1], "go south", ACTIONS[1])]
+    nll = [-torch.stack([sequence_logp(policy, d.prompt, a) for a in d.actions]).log_softmax(-1)[
+        d.actions.index(d.action)] for d in demos]
+    params = textrl.trainable(policy.lm)
+    reference = torch.autograd.grad(sum(nll) / 2, params)
+    loss, tokens = textrl.policy_demo_loss(policy, demos)
+    assert math.isclose(loss.item(), (sum(nll) / 2).item(), rel_tol=1e-4)
+    assert tokens == sum(len(tokenizer.encode(d.prompt)) for d in demos)
+    grads = torch.autograd.grad(loss, params)
+    assert max(r.abs().max() for r in reference) > 1e-2  # gradients big enough for the tolerance below to matter
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def fake_demos(n=12):
