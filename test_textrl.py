@@ -614,6 +614,7 @@ def test_cli_unknown_model_and_bad_flags(tmp_path):
     assert_one_line_error(run_cli("--model", str(tmp_path / "no-such-model"), "--run-name", "t"), "cannot load --model")
     assert_one_line_error(run_cli("--level", "hard"), "--level must be one of")
     assert_one_line_error(run_cli("--bits", "3"), "--bits must be 4, 16 or 32")
+    assert_one_line_error(run_cli("--sft-loss", "mse"), "--sft-loss must be policy or tokens")
 
 
 # ---- the real embedded model, end to end --------------------------------------------------------------------------

@@ -1299,7 +1299,7 @@ def plot_curves(metrics_path: str, png_path: str):
     ax1.plot([r["sft_step"] for r in sft], [r["loss"] for r in sft], label="train loss")
     val = [r for r in sft if "val_loss" in r]
     ax1.plot([r["sft_step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    ax1.set(title="SFT", xlabel="optimizer step", ylabel="cross-entropy (action tokens)")
+    ax1.set(title="SFT", xlabel="optimizer step", ylabel="loss (nats): -log pi(expert) or token cross-entropy")
     ax1.legend()
     ppo_train = [r for r in ppo if "return" in r]  # update 0 is only the starting policy's validation
     ax2.plot([r["ppo_update"] for r in ppo_train], [r["return"] for r in ppo_train],
@@ -1351,6 +1351,8 @@ def run(cfg: Config):
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.eval_split not in ("valid", "test"):
         raise UserError(f"--eval-split must be valid or test, got {cfg.eval_split!r}")
+    if cfg.sft_loss not in ("policy", "tokens"):
+        raise UserError(f"--sft-loss must be policy or tokens, got {cfg.sft_loss!r}")
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", cfg.eval_split))
     test, valid = test[:cfg.eval_games or None], valid[:cfg.eval_games or None]
     for path in train[:1] + valid[:1] + test[:1]:
