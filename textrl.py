@@ -876,6 +876,9 @@ def policy_demo_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, i
     return -logp.mean(), sum(len(policy.tokenizer.encode(d.prompt)) for d in demos)
 
 
+SFT_LOSSES = {"policy": policy_demo_loss, "tokens": demo_loss}  # --sft-loss
+
+
 def trainable(policy: nn.Module) -> list[nn.Parameter]:
     return [p for p in policy.parameters() if p.requires_grad]
 
@@ -979,7 +982,7 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
     With dagger_paths, each epoch after the first also trains on states the policy visited in those games (DAgger):
     an epoch keeps its number of steps, drawing its batches from the expert demos + every DAgger set so far."""
     micro = cfg.micro_batch  # demos per forward pass; gradients accumulate over the sft_batch of an optimizer step
-    loss_fn = {"tokens": demo_loss, "policy": policy_demo_loss}[cfg.sft_loss]
+    loss_fn = SFT_LOSSES[cfg.sft_loss]
     steps_per_epoch = math.ceil(len(demos) / cfg.sft_batch)
     total = cfg.sft_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.sft_lr, weight_decay=0.0)
@@ -1028,7 +1031,7 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
 
 
 @torch.no_grad()
-def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int, loss_fn=demo_loss) -> float:
+def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int, loss_fn) -> float:
     """The SFT loss on held-out demonstrations (from games never trained on)."""
     policy.eval()
     losses = [loss_fn(policy, demos[k:k + micro])[0].item() for k in range(0, len(demos), micro)]
@@ -1352,8 +1355,8 @@ def run(cfg: Config):
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.eval_split not in ("valid", "test"):
         raise UserError(f"--eval-split must be valid or test, got {cfg.eval_split!r}")
-    if cfg.sft_loss not in ("policy", "tokens"):
-        raise UserError(f"--sft-loss must be policy or tokens, got {cfg.sft_loss!r}")
+    if cfg.sft_loss not in SFT_LOSSES:
+        raise UserError(f"--sft-loss must be {' or '.join(SFT_LOSSES)}, got {cfg.sft_loss!r}")
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", cfg.eval_split))
     test, valid = test[:cfg.eval_games or None], valid[:cfg.eval_games or None]
     for path in train[:1] + valid[:1] + test[:1]:
