@@ -352,6 +352,25 @@ def test_kv_cache_scoring_equals_full_sequences(tokenizer, bits):
 SHARED = ["take red apple from fridge", "take red apple", "take red hot pepper from fridge", "go north", "go south"]
 
 
+@pytest.mark.parametrize("bits", [32, 4])
+def test_linear_layers_see_real_tokens_only(tokenizer, bits):
+    # The scores above are those of unpadded sequences; here: the linear layers never compute on padding. The two
+    # prompts differ in length and so do their candidate trees, so each padded batch has padding.
+    policy = tiny_policy(tokenizer, bits=bits)
+    rows = []  # tokens seen by each call of one linear layer (LoRA-wrapped) and one it wraps
+    for layer in (policy.lm.base_model.layers[0].mlp.down_proj, policy.lm.base_model.layers[1].self_attn.q_proj.base):
+        layer.register_forward_hook(lambda m, args, y: rows.append(math.prod(args[0].shape[:-1])))
+    with torch.no_grad():
+        policy(PROMPTS, ACTIONS)
+    full = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    P = textrl.shared_length(full)
+    nodes = [len(textrl.candidate_tree(tokenizer, acts)[0]) for acts in ACTIONS]
+    real = [P, sum(len(f) - P for f in full), sum(nodes)]  # shared prefix, the prompts' own tokens, the trees
+    padded = [P, 2 * max(len(f) - P for f in full), 2 * max(nodes)]
+    assert real != padded
+    assert rows == [n for n in real for _ in range(2)]
+
+
 def test_candidate_tree_spells_each_command_once_per_prefix(tokenizer):
     ids, parents, paths = textrl.candidate_tree(tokenizer, SHARED)
     commands = [textrl.encode_action(tokenizer, a) for a in SHARED]
