@@ -75,7 +75,7 @@ class Config:
     lora_dropout: float = arg(0.0, "dropout on the LoRA input (its random mask costs ~20% of SFT time on CPU)")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex over module names of the linear layers to adapt")
     # supervised fine-tuning
-    sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = skip SFT)")
+    sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = skip SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (AdamW, linear warm-up then linear decay)")
     sft_loss: str = arg("policy", "policy: -log pi(expert command | s), pi over the valid commands; tokens: "
                         "cross-entropy of the expert command's tokens (the tutorial's loss)")
