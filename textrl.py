@@ -734,17 +734,18 @@ def real_tokens_only(body: nn.Module, mask: torch.Tensor):
     each token on its own, so the result is the same; only attention needs the (B, T) layout, and it masks padding
     anyway. Right-padding wastes 43% of the tokens of 8 easy-level states (prompts and candidate trees vary 2-3x in
     length), and the linear layers are most of the compute: skipping the padding took scoring from 1.21 to 0.84-0.92
-    s per state, an SFT step from 3.05 to 2.63-2.78 s per demonstration (fp32, 2-core CPU; README, Speed)."""
+    s per state, an SFT step from 3.05 to 2.63-2.78 s per demonstration (fp32, 2-core CPU; README, Benchmarks)."""
     inner = {id(m.base) for m in body.modules() if isinstance(m, LoRALinear)}  # run by their LoRALinear
     linears = [m for m in body.modules() if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and id(m) not in inner]
-
     shape, real = mask.shape, mask.reshape(-1).nonzero().squeeze(1)  # (N_real,) flat indices of the real tokens
 
     def cut(module, args):  # (B, T, d) -> (N_real, d)
-        return (args[0].reshape(-1, args[0].shape[-1]).index_select(0, real),) if args[0].shape[:-1] == shape else None
+        x = args[0]
+        return (x.reshape(-1, x.shape[-1]).index_select(0, real),) if x.shape[:-1] == shape else None
 
-    def put(module, args, y):  # (N_real, d_out) -> (B, T, d_out), zeros at padding; args are the cut inputs
-        return y.new_zeros(shape.numel(), y.shape[-1]).index_copy(0, real, y).view(*shape, -1) if args[0].dim() == 2 else None
+    def put(module, args, y):  # (N_real, d_out) -> (B, T, d_out), zeros at padding; args[0] is the cut input
+        if args[0].dim() == 2:
+            return y.new_zeros(shape.numel(), y.shape[-1]).index_copy(0, real, y).view(*shape, y.shape[-1])
 
     hooks = [h for m in linears for h in (m.register_forward_pre_hook(cut), m.register_forward_hook(put))]
     try:
