@@ -1198,14 +1198,15 @@ def score_batch(policy: Policy, batch: list[Transition]):
 
 def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cfg: Config, log, ckpt: Checkpoint,
               run_dir: str, resume_from: str | None = None):
-    """The outer RL loop: 1) sample rollouts, 2) GAE, 3) reference log-probs, 4) clipped-PPO epochs, 5) evaluate."""
+    """The outer RL loop: 1) sample rollouts, 2) GAE, 3) reference log-probs, 4) clipped-PPO epochs, 5) evaluate.
+    Ends holding the best policy by validation win rate; returns its update number (0: the starting policy)."""
     tok = policy.tokenizer
     head_params = list(policy.value_head.parameters())
     lora_params = [p for p in trainable(policy) if all(p is not q for q in head_params)]
     optimizer = torch.optim.AdamW([{"params": lora_params, "lr": cfg.ppo_lr},
                                    {"params": head_params, "lr": cfg.value_lr}], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    counters = {"sft_step": -1, "ppo_update": 0, "best_win_rate": -1.0}
+    counters = {"sft_step": -1, "ppo_update": 0, "best_win_rate": -1.0, "best_update": -1}
     if resume_from:
         counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
 
@@ -1214,7 +1215,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         policy: a PPO update must beat the policy it started from on validation to replace it."""
         win = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")["win_rate"]
         if win > counters["best_win_rate"]:
-            counters["best_win_rate"] = win
+            counters["best_win_rate"], counters["best_update"] = win, counters["ppo_update"]
             if rank() == 0:
                 save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
                 torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
@@ -1310,6 +1311,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     if os.path.isdir(best):
         load_adapter(policy.lm, best)
         policy.value_head.load_state_dict(torch.load(os.path.join(best, "value_head.pt")))
+    return counters.get("best_update", -1)
 
 
 # ---- 10. Evaluation ------------------------------------------------------------------------------------------------
@@ -1323,6 +1325,7 @@ def results_table(results: dict, split: str) -> str:
     """A markdown table of the agents' results on the held-out games."""
     lines = [f"| agent ({split} games) | win rate | score / max | steps |", "|---|---|---|---|"]
     for name, r in results.items():
+        name += f" (= {r['kept']}: no PPO update beat it on validation)" if "kept" in r else ""
         lines.append(f"| {name} | {r['win_rate']:.2f} | {r['score']:.2f} | {r['steps']:.1f} |")
     return "\n".join(lines)
 
@@ -1416,6 +1419,10 @@ def run(cfg: Config):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **row}) + "\n")
 
+    def save_results():
+        if rank() == 0:
+            atomic_save(results_path, json.dumps({**results, "_seconds": timings}, indent=2))
+
     def stage(name: str, fn, keep: bool = True):
         """Run one stage, time it, and save its result (if keep) and time to results.json."""
         t = time.time()
@@ -1423,9 +1430,7 @@ def run(cfg: Config):
         if keep:
             results[name] = result
         timings[name] = round(time.time() - t, 1)
-        if rank() == 0:
-            text = json.dumps({**results, "_seconds": timings}, indent=2)
-            atomic_save(results_path, text)
+        save_results()
         return result
 
     say(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, {len(test)} test games"
@@ -1464,9 +1469,17 @@ def run(cfg: Config):
             evaluate_policy("SFT")
         if cfg.ppo_updates:
             unseen_first = train[cfg.demo_games:] + train[:cfg.demo_games]  # games SFT has no walkthrough of, first
-            stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, ckpt, run_dir, resume_from),
-                  keep=False)
-            evaluate_policy("SFT+PPO" if cfg.sft_epochs else "PPO")
+            best = stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, ckpt, run_dir,
+                                                          resume_from), keep=False)
+            start, name = ("SFT", "SFT+PPO") if cfg.sft_epochs else ("zero-shot", "PPO")
+            if best == 0 and start in results:  # no update beat the starting policy on validation: it was kept
+                say(f"no PPO update beat {start} on the validation games: {start} is kept, and so are its rows")
+                for suffix in ("", " (sampled)"):
+                    if start + suffix in results:
+                        results[name + suffix] = {**results[start + suffix], "kept": start}
+                save_results()
+            else:
+                evaluate_policy(name)
     table = results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}")
     say(table)
     if rank() > 0:
