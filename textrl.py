@@ -735,9 +735,7 @@ def real_tokens_only(body: nn.Module, mask: torch.Tensor):
     GPT-2) and every other linear layer (attention's q, k, v, o); they treat each token on its own, so the result is
     the same. Only attention needs the (B, T) layout, and it masks padding anyway. Right-padding wastes 43% of the
     tokens of 8 easy-level states (prompts and candidate trees vary 2-3x in length), and these layers are most of the
-    compute: skipping the padding took scoring from 1.21 to 0.84-0.92 s per state, an SFT step from 3.05 to
-    2.63-2.78 s per demonstration (fp32, 2-core CPU; README, Benchmarks); taking each feed-forward network whole
-    (one cut instead of three, its activation on real tokens too) saved 5-10% more: 0.95, 0.88 -> 0.85, 0.83 s."""
+    compute (measured before and after, for scoring and for an SFT step: README, Benchmarks)."""
     if bool(mask.all()):  # no padding: nothing to skip
         yield
         return
