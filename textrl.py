@@ -99,6 +99,7 @@ class Config:
     vf_coef: float = arg(0.5, "weight c_V of the value loss")
     ent_coef: float = arg(0.0, "weight c_H of the entropy bonus")
     kl_coef: float = arg(0.05, "weight beta of the KL penalty to the reference (base) policy")
+    norm_adv: bool = arg(True, "normalize advantages per mini-batch to mean 0, std 1")
     target_kl: float = arg(0.05, "stop an update's epochs early once approx-KL to the old policy exceeds this")
     eval_every: int = arg(2, "evaluate on the validation games every N updates; the best policy is kept")
     debug: bool = arg(False, "assert PPO invariants at run time (ratio = 1 and KL to old = 0 at an update's start)")
@@ -1262,7 +1263,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
             n_minibatches = min(gather([len(minibatches)]))  # the same in every process
             for i, parts in enumerate(minibatches[:n_minibatches]):
                 mb, a = sum(parts, []), adv.clone()
-                if len(mb) > 1:  # advantages normalized per mini-batch
+                if cfg.norm_adv and len(mb) > 1:  # advantages normalized per mini-batch
                     a[mb] = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)
                 optimizer.zero_grad(set_to_none=True)
                 for k, part in enumerate(parts):  # gradient accumulation over micro-batches
