@@ -692,7 +692,7 @@ def test_a_local_model_folder_runs_the_whole_tutorial(tokenizer, tmp_path, devic
     # A random model cannot win within 3 steps, so the update cannot beat SFT on validation: the SFT policy is kept,
     # and its rows are reported as SFT+PPO's without playing the test games again.
     assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]
-    assert "SFT+PPO (= SFT: no PPO update beat it on validation)" in proc.stdout
+    assert "| SFT+PPO* |" in proc.stdout and "*: no PPO update beat SFT on the validation games" in proc.stdout
     ppo = [json.loads(line) for line in open(tmp_path / "runs" / "t" / "metrics.jsonl") if '"ppo_update": 1' in line]
     assert len(ppo) == 1 and np.isfinite(ppo[0]["policy_loss"]) and np.isfinite(ppo[0]["value_loss"])
 

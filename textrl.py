@@ -1324,8 +1324,11 @@ def results_table(results: dict, split: str) -> str:
     """A markdown table of the agents' results on the held-out games."""
     lines = [f"| agent ({split} games) | win rate | score / max | steps |", "|---|---|---|---|"]
     for name, r in results.items():
-        name += f" (= {r['kept']}: no PPO update beat it on validation)" if "kept" in r else ""
+        name += "*" if "kept" in r else ""  # a policy PPO kept: its rows are the starting policy's (see train_ppo)
         lines.append(f"| {name} | {r['win_rate']:.2f} | {r['score']:.2f} | {r['steps']:.1f} |")
+    for start in sorted({r["kept"] for r in results.values() if "kept" in r}):
+        lines += ["", f"*: no PPO update beat {start} on the validation games: PPO kept the {start} policy, so these "
+                      f"rows are {start}'s"]
     return "\n".join(lines)
 
 
