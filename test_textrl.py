@@ -656,7 +656,7 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert [r["ppo_update"] for r in ppo] == [0, 1]  # 0: the SFT policy's validation, the baseline PPO must beat
-    assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r for r in ppo)
+    assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r and "valid_score" in r for r in ppo)
     assert (run_dir / "curves.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last" / "adapter_model.safetensors").exists()
     # the same command again, without --resume: refused, the run's files untouched

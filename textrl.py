@@ -1209,19 +1209,20 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     if resume_from:
         counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
 
-    def validate() -> float:
-        """Greedy win rate on the validation games; the best policy so far is saved to best/. A tie keeps the earlier
-        policy: a PPO update must beat the policy it started from on validation to replace it."""
-        win = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")["win_rate"]
+    def validate() -> dict:
+        """Greedy win rate and score on the validation games. The best policy so far by win rate is saved to best/; a
+        tie keeps the earlier policy: a PPO update must beat the policy it started from on validation to replace it."""
+        r = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")
+        win = r["win_rate"]
         if win > counters["best_win_rate"]:
             counters["best_win_rate"], counters["best_update"] = win, counters["ppo_update"]
             if rank() == 0:
                 save_adapter(policy.lm, os.path.join(run_dir, "best"), cfg, cfg.model)
                 torch.save(policy.value_head.state_dict(), os.path.join(run_dir, "best", "value_head.pt"))
-        return win
+        return {"valid_win_rate": win, "valid_score": r["score"]}
 
     if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too
-        log({"stage": "ppo", "ppo_update": 0, "valid_win_rate": validate()})
+        log({"stage": "ppo", "ppo_update": 0, **validate()})
     while counters["ppo_update"] < cfg.ppo_updates:
         update, t0 = counters["ppo_update"], time.time()
         # 1) rollouts: sample from pi_old in rollout_games train games, taken in turn
@@ -1295,7 +1296,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                "tokens_per_s": n_tokens / (time.time() - t0)}
         counters["ppo_update"] = update + 1
         if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or update + 1 == cfg.ppo_updates):
-            row["valid_win_rate"] = validate()
+            row.update(validate())
         log(row)
         if rank() == 0:
             tqdm.write(f"PPO {update + 1:>3}/{cfg.ppo_updates} | return {row['return']:.2f} | train win "
