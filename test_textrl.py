@@ -669,6 +669,24 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("valid_wins, kept", [([0.5, 0.5], 1), ([0.5, 0.25], 0), ([0.25, 0.5], 1)])
+def test_ppo_keeps_the_best_policy_on_validation_a_tie_going_to_the_later(tokenizer, tmp_path, monkeypatch,
+                                                                          valid_wins, kept):
+    """train_ppo ends holding the policy that won the most validation games (the starting one competes as update 0;
+    a tie goes to the later one) and returns its update number; validation results are scripted."""
+    cfg = textrl.Config(lora_dropout=0.0, ppo_updates=1, rollout_games=1, eval_every=1, max_steps=2, minibatch=2,
+                        micro_batch=2)
+    policy = tiny_policy(tokenizer, cfg)
+    wins = iter(valid_wins)
+    monkeypatch.setattr(textrl, "evaluate", lambda *a, **k: {"win_rate": next(wins), "score": 0.0})
+    start = [p.detach().clone() for p in textrl.trainable(policy)]
+    game = textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1]
+    best = textrl.train_ppo(policy, game, game, cfg, lambda row: None, textrl.Checkpoint(str(tmp_path), cfg),
+                            str(tmp_path))
+    changed = [not torch.equal(a, b) for a, b in zip(start, textrl.trainable(policy))]
+    assert best == kept and any(changed) == (kept == 1)
+
+
 # ---- any local model folder, and the CUDA fast path ------------------------------------------------------------------
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -689,12 +707,24 @@ def test_a_local_model_folder_runs_the_whole_tutorial(tokenizer, tmp_path, devic
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"on {device}" in proc.stdout
     results = json.load(open(tmp_path / "runs" / "t" / "results.json"))
-    # A random model cannot win within 3 steps, so the update cannot beat SFT on validation: the SFT policy is kept,
-    # and its rows are reported as SFT+PPO's without playing the test games again.
-    assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]
-    assert "| SFT+PPO* |" in proc.stdout and "*: no PPO update beat SFT on the validation games" in proc.stdout
+    # A random model cannot win within 3 steps: the update ties SFT on validation (0 of 1), so the later policy,
+    # the update's, is kept and its rows are played.
+    assert "kept" not in results["SFT+PPO"] and "SFT+PPO" in results["_seconds"] and "| SFT+PPO |" in proc.stdout
     ppo = [json.loads(line) for line in open(tmp_path / "runs" / "t" / "metrics.jsonl") if '"ppo_update": 1' in line]
     assert len(ppo) == 1 and np.isfinite(ppo[0]["policy_loss"]) and np.isfinite(ppo[0]["value_loss"])
+
+
+def test_a_kept_starting_policy_reports_its_rows_without_playing_again(tokenizer, tmp_path, monkeypatch):
+    """When every PPO update did worse on validation (train_ppo returns 0), SFT+PPO's rows are SFT's, marked."""
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(textrl, "train_ppo", lambda *args, **kwargs: 0)
+    textrl.main(["--model", model, *TINY_RUN, "--run-name", "k"])
+    results = json.load(open(tmp_path / "runs" / "k" / "results.json"))
+    assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]
+    table = open(tmp_path / "runs" / "k" / "results.md").read()
+    assert "| SFT+PPO* |" in table and "*: every PPO update won fewer validation games than SFT" in table
 
 
 @CUDA
