@@ -724,7 +724,7 @@ def test_a_kept_starting_policy_reports_its_rows_without_playing_again(tokenizer
     results = json.load(open(tmp_path / "runs" / "k" / "results.json"))
     assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]
     table = open(tmp_path / "runs" / "k" / "results.md").read()
-    assert "| SFT+PPO* |" in table and "*: every PPO update won fewer validation games than SFT" in table
+    assert "| SFT+PPO* |" in table and "*: each PPO policy validated won fewer validation games than SFT" in table
 
 
 @CUDA

@@ -1212,7 +1212,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     def validate() -> dict:
         """Greedy win rate and score on the validation games. The best policy so far by win rate is saved to best/; a
         tie goes to the later policy: 8 games often cannot tell two policies apart, and the later one has learned
-        from more experience. So the policy PPO started from is kept only if every update did worse on validation."""
+        from more experience. So the policy PPO started from is kept only if every update validated did worse."""
         r = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, tok, "validation")
         win = r["win_rate"]
         if win >= counters["best_win_rate"]:
@@ -1329,8 +1329,8 @@ def results_table(results: dict, split: str) -> str:
         name += "*" if "kept" in r else ""  # a policy PPO kept: its rows are the starting policy's (see train_ppo)
         lines.append(f"| {name} | {r['win_rate']:.2f} | {r['score']:.2f} | {r['steps']:.1f} |")
     for start in sorted({r["kept"] for r in results.values() if "kept" in r}):
-        lines += ["", f"*: every PPO update won fewer validation games than {start}: PPO kept the {start} policy, so "
-                      f"these rows are {start}'s"]
+        lines += ["", f"*: each PPO policy validated won fewer validation games than {start}: PPO kept the "
+                      f"{start} policy, so these rows are {start}'s"]
     return "\n".join(lines)
 
 
@@ -1477,7 +1477,8 @@ def run(cfg: Config):
                                                           resume_from), keep=False)
             start, name = ("SFT", "SFT+PPO") if cfg.sft_epochs else ("zero-shot", "PPO")
             if best == 0 and start in results:  # every update did worse than the starting policy: it was kept
-                say(f"every PPO update won fewer validation games than {start}: {start} is kept, and so are its rows")
+                say(f"each PPO policy validated won fewer validation games than {start}: {start} is kept, "
+                    "with its rows")
                 for suffix in ("", " (sampled)"):
                     if start + suffix in results:
                         results[name + suffix] = {**results[start + suffix], "kept": start}
