@@ -1476,9 +1476,7 @@ def run(cfg: Config):
             best = stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, ckpt, run_dir,
                                                           resume_from), keep=False)
             start, name = ("SFT", "SFT+PPO") if cfg.sft_epochs else ("zero-shot", "PPO")
-            if best == 0 and start in results:  # every update did worse than the starting policy: it was kept
-                say(f"each PPO policy validated won fewer validation games than {start}: {start} is kept, "
-                    "with its rows")
+            if best == 0 and start in results:  # every update validated did worse than the starting policy: kept
                 for suffix in ("", " (sampled)"):
                     if start + suffix in results:
                         results[name + suffix] = {**results[start + suffix], "kept": start}
