@@ -1069,7 +1069,8 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
 def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int, loss_fn) -> float:
     """The SFT loss on held-out demonstrations (from games never trained on)."""
     policy.eval()
-    losses = [loss_fn(policy, demos[k:k + micro])[0].item() for k in range(0, len(demos), micro)]
+    losses = [loss_fn(policy, demos[k:k + micro])[0].item()
+              for k in tqdm(range(0, len(demos), micro), desc="SFT validation", leave=False, disable=rank() > 0)]
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -1129,6 +1130,7 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
                 active.remove(j)
                 games[j].env.close()  # free the game's interpreter; the Game keeps its result and last state
                 bar.update()
+        bar.set_postfix(steps=sum(map(len, episodes)))  # the bar moves on while no game has ended yet
     bar.close()
     return episodes, games
 
@@ -1253,7 +1255,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         rescore = policy.lm.get_output_embeddings().weight.dtype != torch.float32
         old_logp, ref_logp = torch.tensor([t.logp for t in batch]), torch.zeros(len(batch))
         with torch.no_grad():
-            for part in (part for parts in split(first_order) for part in parts):
+            for part in tqdm([part for parts in split(first_order) for part in parts], desc=f"pi_ref {update + 1}",
+                             leave=False, disable=rank() > 0):
                 if rescore:
                     old_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
                 with adapters_disabled(policy):
@@ -1263,7 +1266,8 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         for epoch in range(cfg.ppo_epochs):
             minibatches = split(first_order if epoch == 0 else torch.randperm(len(batch)).tolist())
             n_minibatches = min(gather([len(minibatches)]))  # the same in every process
-            for i, parts in enumerate(minibatches[:n_minibatches]):
+            for i, parts in enumerate(tqdm(minibatches[:n_minibatches], desc=f"PPO epoch {epoch + 1}", leave=False,
+                                           disable=rank() > 0)):
                 mb, a = sum(parts, []), adv.clone()
                 if cfg.norm_adv and len(mb) > 1:  # advantages normalized per mini-batch
                     a[mb] = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)
