@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -720,11 +721,15 @@ def test_a_kept_starting_policy_reports_its_rows_without_playing_again(tokenizer
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(textrl, "train_ppo", lambda *args, **kwargs: 0)
-    textrl.main(["--model", model, *TINY_RUN, "--run-name", "k"])
-    results = json.load(open(tmp_path / "runs" / "k" / "results.json"))
+    args = ["--model", model, *TINY_RUN, "--run-name", "kept run"]  # a space: the command must still copy as one
+    monkeypatch.setattr(sys, "argv", ["textrl.py", *args])
+    textrl.main(args)
+    results = json.load(open(tmp_path / "runs" / "kept run" / "results.json"))
     assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]
-    table = open(tmp_path / "runs" / "k" / "results.md").read()
+    table = open(tmp_path / "runs" / "kept run" / "results.md").read()
     assert "| SFT+PPO* |" in table and "*: each PPO policy validated won fewer validation games than SFT" in table
+    command = re.search(r"Command: `(.*)`", table)[1]
+    assert shlex.split(command) == ["python", "textrl.py", *args]  # pasted into a shell, it runs this run again
 
 
 @CUDA

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -1493,7 +1494,7 @@ def run(cfg: Config):
         return results
     seconds = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     report = "\n".join([table, "", "| stage | seconds |", "|---|---|", *seconds,
-                         "", f"Command: `python textrl.py {' '.join(sys.argv[1:])}`  ", f"Machine: {machine(device)}  ",
+                         "", f"Command: `python textrl.py {shlex.join(sys.argv[1:])}`  ", f"Machine: {machine(device)}  ",
                          f"Peak memory (RSS) {peak_rss_gib():.2f} GiB; {throughput(metrics_path)}", ""])
     atomic_save(os.path.join(run_dir, "results.md"), report)
     if os.path.exists(metrics_path):
