@@ -722,7 +722,6 @@ def test_a_kept_starting_policy_reports_its_rows_without_playing_again(tokenizer
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(textrl, "train_ppo", lambda *args, **kwargs: 0)
     args = ["--model", model, *TINY_RUN, "--run-name", "kept run"]  # a space: the command must still copy as one
-    monkeypatch.setattr(sys, "argv", ["textrl.py", *args])
     textrl.main(args)
     results = json.load(open(tmp_path / "runs" / "kept run" / "results.json"))
     assert results["SFT+PPO"] == {**results["SFT"], "kept": "SFT"} and "SFT+PPO" not in results["_seconds"]

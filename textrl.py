@@ -1391,7 +1391,8 @@ def throughput(metrics_path: str) -> str:
 
 
 # ---- 11. Main: the whole tutorial ---------------------------------------------------------------------------------
-def run(cfg: Config):
+def run(cfg: Config, argv: list[str]):
+    """The whole job for the settings cfg, parsed from the command-line arguments argv (recorded in results.md)."""
     if cfg.make_games:
         return make_games(cfg.games)
     if cfg.level not in LEVELS:
@@ -1494,7 +1495,7 @@ def run(cfg: Config):
         return results
     seconds = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     report = "\n".join([table, "", "| stage | seconds |", "|---|---|", *seconds,
-                         "", f"Command: `python textrl.py {shlex.join(sys.argv[1:])}`  ", f"Machine: {machine(device)}  ",
+                         "", f"Command: `python textrl.py {shlex.join(argv)}`  ", f"Machine: {machine(device)}  ",
                          f"Peak memory (RSS) {peak_rss_gib():.2f} GiB; {throughput(metrics_path)}", ""])
     atomic_save(os.path.join(run_dir, "results.md"), report)
     if os.path.exists(metrics_path):
@@ -1503,8 +1504,9 @@ def run(cfg: Config):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return run(parse_config(argv))
+        return run(parse_config(argv), argv)
     except UserError as e:
         print(f"textrl: error: {e}", file=sys.stderr)
         sys.exit(2)
