@@ -1510,6 +1510,9 @@ def main(argv=None):
     except UserError as e:
         print(f"textrl: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:  # under torchrun: a process that exits with its process group alive can abort in gloo's threads
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
