@@ -1398,7 +1398,7 @@ def run(cfg: Config, argv: list[str]):
     if cfg.level not in LEVELS:
         raise UserError(f"--level must be one of {', '.join(LEVELS)}, got {cfg.level!r}")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # main() destroys it
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     seed_everything(cfg.seed, cfg.deterministic)
