@@ -94,6 +94,24 @@ def test_play_refills_the_batch_as_games_end():
     assert sizes == sorted(sizes, reverse=True)  # a finished game's slot is refilled at once: 2, 2, ..., 2, 1, 1
 
 
+def test_evaluation_logs_each_game_s_commands_and_they_replay_its_result():
+    games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:3]
+    cfg, won = textrl.Config(max_steps=8), {}
+    for name, agent in (("walkthrough", textrl.walkthrough_agent), ("random", textrl.random_agent(random.Random(0)))):
+        rows = []
+        summary = textrl.evaluate(games, agent, cfg, None, "an agent", rows.append)
+        assert [r["game"] for r in rows] == [os.path.basename(g) for g in games]
+        assert summary["steps"] == np.mean([len(r["commands"]) for r in rows])
+        for path, row in zip(games, rows):  # reference: the logged commands played again in a fresh game
+            game = textrl.Game(path, cfg.max_steps)
+            game.reset()
+            for command in row["commands"]:
+                game.step(command)
+            assert (game.last.won, game.score) == (row["won"], row["score"]) and row["agent"] == "an agent"
+        won[name] = [r["won"] for r in rows]
+    assert any(won["walkthrough"]) and not any(won["random"])  # both outcomes were replayed
+
+
 def test_random_agent_truncates_at_step_limit_without_terminal():
     games = textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:4]
     episodes, played = textrl.play(games, textrl.random_agent(random.Random(0)), textrl.Config(max_steps=3), None)
@@ -655,6 +673,7 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     for name in ("random", "walkthrough", "zero-shot", "SFT", "SFT+PPO", "SFT (sampled)", "SFT+PPO (sampled)"):
         assert 0.0 <= results[name]["win_rate"] <= 1.0 and results[name]["games"] == 1
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert {r["agent"] for r in rows if r["stage"] == "episode"} == {n for n in results if n != "_seconds"}
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert [r["ppo_update"] for r in ppo] == [0, 1]  # 0: the SFT policy's validation, PPO's baseline
     assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r and "valid_score" in r for r in ppo)

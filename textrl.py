@@ -1321,9 +1321,15 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
 
 
 # ---- 10. Evaluation ------------------------------------------------------------------------------------------------
-def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str) -> dict:
-    """Play every game once; win rate, mean normalized score, mean steps."""
-    _, games = play(paths[rank()::world()], agent, cfg, tokenizer, desc=desc)  # each process plays its share
+def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str, log=None) -> dict:
+    """Play every game once; win rate, mean normalized score, mean steps. With log, also one line per game: its
+    result and commands, to read how a policy won or lost a game (`grep '"agent": "SFT"' metrics.jsonl`)."""
+    episodes, games = play(paths[rank()::world()], agent, cfg, tokenizer, desc=desc)  # each process plays its share
+    if log:
+        for row in gather([{"stage": "episode", "agent": desc, "game": os.path.basename(g.path), "won": g.last.won,
+                            "score": g.score, "commands": [t.actions[t.action] for t in ep]}
+                           for ep, g in zip(episodes, games)]):
+            log(row)
     return summarize(games)
 
 
@@ -1447,16 +1453,17 @@ def run(cfg: Config, argv: list[str]):
           f" | step limit {cfg.max_steps}")
     device = pick_device(cfg.device)
     lm, tokenizer = stage("load model", lambda: load_model(cfg, device), keep=False)
-    stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None, "random"))
-    stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough"))
+    stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None, "random", log))
+    stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough", log))
     policy = Policy(lm, tokenizer, cfg.length_norm)
     say(f"model {cfg.model} ({cfg.bits}-bit) on {device}: {count_parameters(policy)}")
 
     def evaluate_policy(name: str):
         """The policy's rows of the table: greedy (argmax, the usual report) and, unless --no-sampled, a ~ pi(.|s)."""
-        stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name))
+        stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name, log))
         if cfg.sampled:
-            stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer, name))
+            stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer,
+                                                        f"{name} (sampled)", log))
 
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, policy, cfg)
