@@ -1460,10 +1460,8 @@ def run(cfg: Config, argv: list[str]):
 
     def evaluate_policy(name: str):
         """The policy's rows of the table: greedy (argmax, the usual report) and, unless --no-sampled, a ~ pi(.|s)."""
-        stage(name, lambda: evaluate(test, llm_agent(policy, greedy=True), cfg, tokenizer, name, log))
-        if cfg.sampled:
-            stage(f"{name} (sampled)", lambda: evaluate(test, llm_agent(policy, greedy=False), cfg, tokenizer,
-                                                        f"{name} (sampled)", log))
+        for row, greedy in [(name, True)] + [(f"{name} (sampled)", False)] * cfg.sampled:
+            stage(row, lambda: evaluate(test, llm_agent(policy, greedy), cfg, tokenizer, row, log))
 
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, policy, cfg)
