@@ -1035,11 +1035,12 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         batch = [pool[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]]
         batch.sort(key=lambda d: len(d.prompt))  # similar lengths share a micro-batch: less padding
+        mine = batch[rank()::world()]  # this process's share: every world()-th, so that each gets alike lengths
         policy.train()
         t0, n_tokens, total_loss = time.time(), 0, 0.0
-        for k in range(rank() * micro, len(batch), micro * world()):  # this process's micro-batches
-            loss, tokens = loss_fn(policy, batch[k:k + micro])
-            loss = loss * len(batch[k:k + micro]) / len(batch)
+        for k in range(0, len(mine), micro):
+            loss, tokens = loss_fn(policy, mine[k:k + micro])
+            loss = loss * len(mine[k:k + micro]) / len(batch)
             check_finite(loss, "SFT")
             loss.backward()
             total_loss, n_tokens = total_loss + loss.item(), n_tokens + tokens
@@ -1068,11 +1069,12 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
 
 @torch.no_grad()
 def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int, loss_fn) -> float:
-    """The SFT loss on held-out demonstrations (from games never trained on)."""
+    """The SFT loss on held-out demonstrations (from games never trained on): the mean over demonstrations."""
     policy.eval()
-    losses = [loss_fn(policy, demos[k:k + micro])[0].item()
-              for k in tqdm(range(0, len(demos), micro), desc="SFT validation", leave=False, disable=rank() > 0)]
-    return float(np.mean(losses)) if losses else float("nan")
+    mine = demos[rank()::world()]  # each process scores its share
+    total = sum(loss_fn(policy, mine[k:k + micro])[0].item() * len(mine[k:k + micro])
+                for k in tqdm(range(0, len(mine), micro), desc="SFT validation", leave=False, disable=rank() > 0))
+    return all_sum(total) / len(demos) if demos else float("nan")
 
 
 # ---- 7. Rollouts: playing games in lockstep ------------------------------------------------------------------------
