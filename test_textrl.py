@@ -963,14 +963,15 @@ def test_bench_loader_peak_memory():
 
 
 def test_two_processes_with_torchrun_train_like_one(tokenizer, tmp_path):
-    """SFT with torchrun --nproc_per_node 2 (gloo) ends at the same adapters as one process with the same global batch;
-    also exercises --model with a local folder."""
+    """SFT with torchrun --nproc_per_node 2 (gloo) ends at the same adapters as one process with the same global batch,
+    including a last batch of one demonstration (14 = 13 + 1: the second process has none); also exercises --model
+    with a local folder."""
     from safetensors.torch import load_file
     model_dir = tmp_path / "tiny-model"
     tiny_llama(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
-    args = ["--model", str(model_dir), "--bits", "32", "--demo-games", "2", "--sft-batch", "4", "--micro-batch", "1",
+    args = ["--model", str(model_dir), "--bits", "32", "--demo-games", "2", "--sft-batch", "13", "--micro-batch", "1",
             "--lora-dropout", "0", "--ppo-updates", "0", "--eval-games", "2", "--max-steps", "2"]
     one = run_cli(*args, "--run-name", "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -165,8 +165,11 @@ def sum_gradients(params: list[nn.Parameter]):
     """Add up every process's gradients: what DistributedDataParallel does after backward, written out because our
     losses are already scaled by the global batch size (so a sum, not a mean, is the single-process gradient)."""
     if world() > 1:
-        for p in params:
-            if p.grad is not None:
+        some = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        torch.distributed.all_reduce(some)  # which parameters got a gradient in any process
+        for p, n in zip(params, some.tolist()):
+            if n:  # a process whose share of the batch was empty (an epoch's last step) adds zeros
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 torch.distributed.all_reduce(p.grad)
 
 
