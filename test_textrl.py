@@ -334,12 +334,19 @@ def test_only_adapters_train_and_saved_adapter_loads_in_peft(tokenizer, tmp_path
 
 
 # ---- 5. the policy ---------------------------------------------------------------------------------------------
-def sequence_logp(policy, prompt, action) -> torch.Tensor:
+def sequence_logp(policy, prompt, action, constant_prompt=False) -> torch.Tensor:
     """Reference: log p(action | prompt) from the full prompt + action sequence run alone through the whole LM (no
-    cache, no padding): the sum of the action's token log-probs. Differentiable."""
+    cache, no padding): the sum of the action's token log-probs. Differentiable. With constant_prompt, the keys and
+    values of every prompt token but the last are detached in every layer: in a causal LM they are the only way
+    those tokens reach the later ones, so this is the gradient of Policy's default (truncated) pass."""
     tok = policy.tokenizer
     p, c = tok.encode(prompt, add_special_tokens=False), textrl.encode_action(tok, action)
+    detach = lambda m, args, y: torch.cat([y[:, :len(p) - 1].detach(), y[:, len(p) - 1:]], 1)
+    hooks = [m.register_forward_hook(detach) for n, m in policy.lm.named_modules()
+             if constant_prompt and n.endswith(("k_proj", "v_proj"))]
     logp = policy.lm(torch.tensor([p + c])).logits[0].float().log_softmax(-1)  # (T, V)
+    for h in hooks:
+        h.remove()
     return sum(logp[len(p) + j - 1, c[j]] for j in range(len(c)))
 
 
@@ -381,11 +388,11 @@ def test_linear_layers_see_real_tokens_only(tokenizer, bits):
         layer.register_forward_hook(lambda m, args, y: rows.append(math.prod(args[0].shape[:-1])))
     with torch.no_grad():
         policy(PROMPTS, ACTIONS)
-    full = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    P = textrl.shared_length(full)
-    nodes = [len(textrl.candidate_tree(tokenizer, acts)[0]) for acts in ACTIONS]
-    real = [P, sum(len(f) - P for f in full), sum(nodes)]  # shared prefix, the prompts' own tokens, the trees
-    padded = [P, 2 * max(len(f) - P for f in full), 2 * max(nodes)]
+    cut = [tokenizer.encode(p, add_special_tokens=False)[:-1] for p in PROMPTS]  # the last token is the tree's root
+    P = textrl.shared_length(cut)
+    nodes = [1 + len(textrl.candidate_tree(tokenizer, acts)[0]) for acts in ACTIONS]
+    real = [P, sum(len(f) - P for f in cut), sum(nodes)]  # shared prefix, the prompts' own tokens, the trees
+    padded = [P, 2 * max(len(f) - P for f in cut), 2 * max(nodes)]
     assert real != padded
     assert rows == [n for n in real for _ in range(2)]
 
@@ -467,12 +474,15 @@ def test_demo_loss_gradients_through_the_shared_prefix_equal_one_sequence_each(t
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-def test_policy_demo_loss_is_the_nll_of_the_expert_command_among_the_valid_ones(tokenizer):
-    # Reference: every valid command scored as its own full sequence, a softmax over them, -log of the expert's share.
+@pytest.mark.parametrize("prompt_grad", [True, False])
+def test_policy_demo_loss_is_the_nll_of_the_expert_command_among_the_valid_ones(tokenizer, prompt_grad):
+    # Reference: every valid command scored as its own full sequence, a softmax over them, -log of the expert's share;
+    # the exact gradient with --prompt-grad, else the one with the prompt's keys and values held constant.
     policy = tiny_policy(tokenizer)
+    policy.prompt_grad = prompt_grad
     demos = [textrl.Demo(PROMPTS[0], "take red apple from fridge", ACTIONS[0]),
              textrl.Demo(PROMPTS[1], "go south", ACTIONS[1])]
-    nll = [-torch.stack([sequence_logp(policy, d.prompt, a) for a in d.actions]).log_softmax(-1)[
+    nll = [-torch.stack([sequence_logp(policy, d.prompt, a, not prompt_grad) for a in d.actions]).log_softmax(-1)[
         d.actions.index(d.action)] for d in demos]
     params = textrl.trainable(policy.lm)
     reference = torch.autograd.grad(sum(nll) / 2, params)
