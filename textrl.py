@@ -885,8 +885,9 @@ def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bo
 # cross-entropy of the command's tokens given the prompt (token_loss). The default goes through the policy of
 # section 5 instead (policy_demo_loss): -log pi(a* | s), pi a softmax over the valid commands only, which is the
 # choice the agent actually makes. On the 16 easy test games, greedy, seeds 1 and 2, two epochs: 0.62 and 0.69 with
-# the token loss, 1.00 and 0.88 with this one; one epoch, seed 1: 0.44 and 0.94 (README, Results). A policy step
-# costs ~1.5x a token step: the prefix tree of every valid command runs forward and backward too.
+# the token loss, 1.00 and 0.88 with this one; one epoch, seed 1: 0.44 and 0.94 (README, Results; those runs took
+# the exact gradient, --prompt-grad). With the exact gradient a policy step costs ~1.5x a token step: the prefix tree
+# of every valid command runs forward and backward too; the default, the prompt as a constant, cuts it to ~0.6x.
 def token_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the expert action's tokens only. labels[b, t] is the token that hidden[b, t] must predict,
     or -100 on prompt and padding positions, which never count:
