@@ -829,13 +829,14 @@ class Policy(nn.Module):
         tree = torch.zeros(B, S, S, dtype=torch.bool)  # tree[b, i, j]: node j is node i or one of its ancestors
         for b, (ids, parents, _) in enumerate(trees):
             c_ids[b, 0], tree[b, 0, 0] = full[b][-1], True
-            for n, p in enumerate(parents, start=1):  # a parent comes before its children, so its row is already filled
+            for n, p in enumerate(parents, start=1):  # a parent comes before its children: its row is already filled
                 c_ids[b, n], parent[b, n] = ids[n - 1], p + 1  # candidate_tree's -1 (follows the prompt) is the root
                 tree[b, n] = tree[b, p + 1]
                 tree[b, n, n] = True
         c_ids, parent, tree = c_ids.to(device), parent.to(device), tree.to(device)
         depth = (tree.sum(-1) - 1).clamp(min=0)  # (B, S): a node's ancestors are its depth (padding: 0)
-        real = torch.arange(S, device=device)[None] < torch.tensor([1 + len(t[0]) for t in trees], device=device)[:, None]
+        sizes = torch.tensor([1 + len(ids) for ids, _, _ in trees], device=device)  # (B,): root + tree nodes
+        real = torch.arange(S, device=device)[None] < sizes[:, None]  # (B, S)
         # 3) attention: a node sees the real prompt tokens and its own path (its ancestors and itself), so each
         # candidate is scored as if it followed the prompt alone; its position is the root's (the prompt's last
         # token's) + its depth
