@@ -817,9 +817,10 @@ class Policy(nn.Module):
         # few demonstrations), but a policy-loss SFT step costs ~0.6x (no backward through ~70% of the tokens) and
         # SFT still won 14 of 16 test games against 15 (README, Results).
         full = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        P = shared_length([f[:-1] for f in full])
+        heads = [f[:-1] for f in full]  # each prompt but its last token, which is the root of step 2's tree
+        P = shared_length(heads)
         with contextlib.nullcontext() if self.prompt_grad else torch.no_grad():
-            out, lengths, seen = shared_prefix_forward(body, [f[:-1] for f in full], P)
+            out, lengths, seen = shared_prefix_forward(body, heads, P)
         B, T = seen.shape[0], seen.shape[1] - P
         # 2) row b: the prompt's last token (node 0, the tree's root), then the candidates of state b merged into a
         # prefix tree: (B, S)
