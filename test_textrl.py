@@ -718,6 +718,29 @@ def test_ppo_keeps_the_best_policy_on_validation_a_tie_going_to_the_later(tokeni
     assert best == kept and any(changed) == (kept == 1)
 
 
+@pytest.mark.parametrize("kl_ref", ["base", "start"])
+def test_kl_reference_is_the_base_model_or_the_policy_ppo_starts_from(tokenizer, tmp_path, kl_ref):
+    """--kl-ref: before PPO's first optimizer step the policy is the one PPO starts from, so its k3 KL to that
+    reference is 0, and to the base model (adapters off; tiny_policy's B is not 0) it is not. With `start` the
+    reference adapters are saved for a resumed run, and swapping them in and out leaves the policy as it was."""
+    cfg = textrl.Config(lora_dropout=0.0, ppo_updates=1, rollout_games=1, eval_every=0, max_steps=3, minibatch=64,
+                        micro_batch=2, kl_ref=kl_ref)  # one mini-batch: every micro-batch is scored before the step
+    policy, rows = tiny_policy(tokenizer, cfg), []
+    game = textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1]
+    textrl.train_ppo(policy, game, game, cfg, rows.append, textrl.Checkpoint(str(tmp_path), cfg), str(tmp_path))
+    kl = rows[-1]["kl_ref"]
+    assert (kl < 1e-6) if kl_ref == "start" else (kl > 1e-3)
+    assert os.path.exists(tmp_path / "reference.pt") == (kl_ref == "start")
+    snapshot, x = textrl.lora_snapshot(policy), ["<|im_start|>user\nYou see a fridge.<|im_end|>\n"]
+    with torch.no_grad():
+        now = policy(x, [["open fridge", "go east"]])[0][0]
+        for p in textrl.trainable(policy):
+            p.add_(1.0)
+        with textrl.adapters_disabled(policy, snapshot):
+            torch.testing.assert_close(policy(x, [["open fridge", "go east"]])[0][0], now, rtol=0, atol=0)
+        assert not torch.equal(policy(x, [["open fridge", "go east"]])[0][0], now)  # swapped back out
+
+
 # ---- any local model folder, and the CUDA fast path ------------------------------------------------------------------
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

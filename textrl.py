@@ -101,7 +101,9 @@ class Config:
     lam: float = arg(0.95, "GAE lambda")
     vf_coef: float = arg(0.5, "weight c_V of the value loss")
     ent_coef: float = arg(0.0, "weight c_H of the entropy bonus")
-    kl_coef: float = arg(0.05, "weight beta of the KL penalty to the reference (base) policy")
+    kl_coef: float = arg(0.05, "weight beta of the KL penalty to the reference policy")
+    kl_ref: str = arg("base", "the reference policy: base (the LLM with its adapters off) or start (the policy PPO "
+                      "starts from, RLHF's pi_SFT: a copy of the adapters)")
     norm_adv: bool = arg(True, "normalize advantages per mini-batch to mean 0, std 1")
     target_kl: float = arg(0.05, "stop an update's epochs early once approx-KL to the old policy exceeds this")
     eval_every: int = arg(2, "evaluate on the validation games every N updates; the best policy is kept")
@@ -606,8 +608,22 @@ def add_lora(lm: nn.Module, cfg: Config) -> list[str]:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """Inside this block the model is the frozen base model: PPO's reference policy, without a copy."""
+def adapters_disabled(model: nn.Module, swap_in: dict[str, torch.Tensor] | None = None):
+    """Inside this block the model is PPO's reference policy, without a copy of the model: the frozen base model, or,
+    with swap_in ({parameter name: tensor}, as lora_snapshot returns), the model with those adapters in place of its
+    own (the policy PPO started from; a copy of the adapters only, 1.8% of SmolLM2's parameters)."""
+    if swap_in is not None:
+        params = dict(model.named_parameters())
+
+        def swap():  # exchange each adapter tensor with its saved twin; swapping twice restores the model
+            for name in swap_in:
+                params[name].data, swap_in[name] = swap_in[name], params[name].data
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+        return
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in layers:
         m.enabled = False
@@ -616,6 +632,11 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m in layers:
             m.enabled = True
+
+
+def lora_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every adapter tensor (LoRA's A and B), by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.rpartition(".")[2] in ("lora_A", "lora_B")}
 
 
 def atomic_save(path: str, save) -> None:
@@ -1186,7 +1207,7 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, values, old_values, returns, 
     """The PPO objective per action (Schulman et al. 2017), all tensors (N,); returns (loss, diagnostics).
     Policy: L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = pi(a|s) / pi_old(a|s)
     Value:  L_V = 1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
-    KL to the reference policy pi_ref (the base model, adapters off), k3 estimator (Schulman 2020, "Approximating
+    KL to the reference policy pi_ref (the base model, or the policy PPO started from: --kl-ref), k3 estimator (Schulman 2020, "Approximating
     KL divergence"): KL(pi || pi_ref) ~ E[(r - 1) - log r],  r = pi_ref(a|s) / pi(a|s); unbiased, always >= 0.
     Total: L = L_clip + c_V L_V - c_H H[pi] + beta KL."""
     log_ratio = logp - old_logp
@@ -1230,6 +1251,14 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     counters = {"sft_step": -1, "ppo_update": 0, "best_win_rate": -1.0, "best_update": -1}
     if resume_from:
         counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
+    # The KL penalty's reference policy: the base model (--kl-ref base: the adapters off) or the policy PPO starts
+    # from (start: its adapters kept aside, and in reference.pt so that a resumed run keeps the same reference)
+    reference, ref_path = None, os.path.join(run_dir, "reference.pt")
+    if cfg.kl_ref == "start":
+        reference = torch.load(ref_path, map_location=policy.value_head.weight.device) if os.path.exists(ref_path) \
+            else lora_snapshot(policy)
+        if rank() == 0 and not os.path.exists(ref_path):
+            atomic_save(ref_path, lambda p: torch.save(reference, p))
 
     def validate() -> dict:
         """Greedy win rate and score on the validation games. The best policy so far by win rate is saved to best/; a
@@ -1279,7 +1308,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                              leave=False, disable=rank() > 0):
                 if rescore:
                     old_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
-                with adapters_disabled(policy):
+                with adapters_disabled(policy, reference):
                     ref_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
         # 4) optimize the clipped objective over shuffled mini-batches
         stats, n_tokens = [], 0
@@ -1429,6 +1458,8 @@ def run(cfg: Config, argv: list[str]):
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.eval_split not in ("valid", "test"):
         raise UserError(f"--eval-split must be valid or test, got {cfg.eval_split!r}")
+    if cfg.kl_ref not in ("base", "start"):
+        raise UserError(f"--kl-ref must be base or start, got {cfg.kl_ref!r}")
     if cfg.sft_loss not in SFT_LOSSES:
         raise UserError(f"--sft-loss must be {' or '.join(SFT_LOSSES)}, got {cfg.sft_loss!r}")
     train, valid, test = (list_games(cfg.games, cfg.level, s) for s in ("train", "valid", cfg.eval_split))
