@@ -1207,8 +1207,9 @@ def ppo_loss(logp, old_logp, ref_logp, advantages, values, old_values, returns, 
     """The PPO objective per action (Schulman et al. 2017), all tensors (N,); returns (loss, diagnostics).
     Policy: L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = pi(a|s) / pi_old(a|s)
     Value:  L_V = 1/2 E[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
-    KL to the reference policy pi_ref (the base model, or the policy PPO started from: --kl-ref), k3 estimator (Schulman 2020, "Approximating
-    KL divergence"): KL(pi || pi_ref) ~ E[(r - 1) - log r],  r = pi_ref(a|s) / pi(a|s); unbiased, always >= 0.
+    KL to the reference policy pi_ref (--kl-ref: the base model, or the policy PPO started from), k3 estimator
+    (Schulman 2020, "Approximating KL divergence"): KL(pi || pi_ref) ~ E[(r - 1) - log r],  r = pi_ref(a|s) / pi(a|s);
+    unbiased, always >= 0.
     Total: L = L_clip + c_V L_V - c_H H[pi] + beta KL."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()  # [algo] rho
