@@ -293,7 +293,7 @@ def test_lora_starts_at_base_merges_and_disables(four_bit):
         merged.weight.copy_(w + 2.0 * layer.lora_B @ layer.lora_A)  # alpha / r = 2
         merged.bias.copy_(base.bias)
     torch.testing.assert_close(layer(x), merged(x), rtol=1e-5, atol=1e-5)
-    with textrl.adapters_disabled(layer):
+    with textrl.reference_policy(layer):
         assert torch.equal(layer(x), inner(x))
     assert not torch.equal(layer(x), inner(x))
 
@@ -736,7 +736,7 @@ def test_kl_reference_is_the_base_model_or_the_policy_ppo_starts_from(tokenizer,
         now = policy(x, [["open fridge", "go east"]])[0][0]
         for p in textrl.trainable(policy):
             p.add_(1.0)
-        with textrl.adapters_disabled(policy, snapshot):
+        with textrl.reference_policy(policy, snapshot):
             torch.testing.assert_close(policy(x, [["open fridge", "go east"]])[0][0], now, rtol=0, atol=0)
         assert not torch.equal(policy(x, [["open fridge", "go east"]])[0][0], now)  # swapped back out
 

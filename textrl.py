@@ -608,10 +608,11 @@ def add_lora(lm: nn.Module, cfg: Config) -> list[str]:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module, swap_in: dict[str, torch.Tensor] | None = None):
-    """Inside this block the model is PPO's reference policy, without a copy of the model: the frozen base model, or,
-    with swap_in ({parameter name: tensor}, as lora_snapshot returns), the model with those adapters in place of its
-    own (the policy PPO started from; a copy of the adapters only, 1.8% of SmolLM2's parameters)."""
+def reference_policy(model: nn.Module, swap_in: dict[str, torch.Tensor] | None = None):
+    """Inside this block the model is PPO's reference policy, without a copy of the model: the frozen base model (its
+    adapters off), or, with swap_in ({parameter name: tensor}, as lora_snapshot returns), the model with those
+    adapters in place of its own (the policy PPO started from; a copy of the adapters only, 1.8% of SmolLM2's
+    parameters)."""
     if swap_in is not None:
         params = dict(model.named_parameters())
 
@@ -1309,7 +1310,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                              leave=False, disable=rank() > 0):
                 if rescore:
                     old_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
-                with adapters_disabled(policy, reference):
+                with reference_policy(policy, reference):
                     ref_logp[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
         # 4) optimize the clipped objective over shuffled mini-batches
         stats, n_tokens = [], 0
