@@ -613,26 +613,20 @@ def reference_policy(model: nn.Module, swap_in: dict[str, torch.Tensor] | None =
     adapters off), or, with swap_in ({parameter name: tensor}, as lora_snapshot returns), the model with those
     adapters in place of its own (the policy PPO started from; a copy of the adapters only, 1.8% of SmolLM2's
     parameters)."""
-    if swap_in is not None:
-        params = dict(model.named_parameters())
+    layers, params = [m for m in model.modules() if isinstance(m, LoRALinear)], dict(model.named_parameters())
 
-        def swap():  # exchange each adapter tensor with its saved twin; swapping twice restores the model
+    def toggle():  # its own inverse: the same call enters the block and leaves it
+        if swap_in is None:  # adapters off (and on again)
+            for m in layers:
+                m.enabled = not m.enabled
+        else:  # exchange each adapter tensor with its saved twin
             for name in swap_in:
                 params[name].data, swap_in[name] = swap_in[name], params[name].data
-        swap()
-        try:
-            yield
-        finally:
-            swap()
-        return
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in layers:
-        m.enabled = False
+    toggle()
     try:
         yield
     finally:
-        for m in layers:
-            m.enabled = True
+        toggle()
 
 
 def lora_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -1256,10 +1250,11 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
     # The KL penalty's reference policy: the base model (--kl-ref base: the adapters off) or the policy PPO starts
     # from (start: its adapters kept aside, and in reference.pt so that a resumed run keeps the same reference)
     reference, ref_path = None, os.path.join(run_dir, "reference.pt")
-    if cfg.kl_ref == "start":
-        reference = torch.load(ref_path, map_location=policy.value_head.weight.device) if os.path.exists(ref_path) \
-            else lora_snapshot(policy)
-        if rank() == 0 and not os.path.exists(ref_path):
+    if cfg.kl_ref == "start" and os.path.exists(ref_path):
+        reference = torch.load(ref_path, map_location=policy.value_head.weight.device)
+    elif cfg.kl_ref == "start":
+        reference = lora_snapshot(policy)
+        if rank() == 0:
             atomic_save(ref_path, lambda p: torch.save(reference, p))
 
     def validate() -> dict:
