@@ -51,7 +51,7 @@ def tiny_policy(tokenizer, cfg=None, seed=0, bits=32):
     for m in lm.modules():  # a non-zero B, so the adapters change the output
         if isinstance(m, textrl.LoRALinear):
             nn.init.normal_(m.lora_B, std=0.5)
-    return textrl.Policy(lm, tokenizer, cfg.length_norm)
+    return textrl.Policy(lm, tokenizer)
 
 
 PROMPTS = ["<|im_start|>user\nYou are in a kitchen. Valid actions: go north, take red apple<|im_end|>\n"
@@ -340,7 +340,7 @@ def sequence_logp(policy, prompt, action, constant_prompt=False) -> torch.Tensor
     values of every prompt token but the last are detached in every layer: in a causal LM they are the only way
     those tokens reach the later ones, so this is the gradient of Policy's default (truncated) pass."""
     tok = policy.tokenizer
-    p, c = tok.encode(prompt, add_special_tokens=False), textrl.encode_action(tok, action)
+    p, c = tok.encode(prompt, add_special_tokens=False), list(textrl.encode_action(tok, action))
     detach = lambda m, args, y: torch.cat([y[:, :len(p) - 1].detach(), y[:, len(p) - 1:]], 1)
     hooks = [m.register_forward_hook(detach) for n, m in policy.lm.named_modules()
              if constant_prompt and n.endswith(("k_proj", "v_proj"))]
@@ -474,12 +474,11 @@ def test_demo_loss_gradients_through_the_shared_prefix_equal_one_sequence_each(t
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("prompt_grad", [True, False])
-def test_policy_demo_loss_is_the_nll_of_the_expert_command_among_the_valid_ones(tokenizer, prompt_grad):
+def test_policy_demo_loss_is_the_nll_of_the_expert_command_among_the_valid_ones(tokenizer):
     # Reference: every valid command scored as its own full sequence, a softmax over them, -log of the expert's share;
     # the exact gradient with --prompt-grad, else the one with the prompt's keys and values held constant.
     policy = tiny_policy(tokenizer)
-    policy.prompt_grad = prompt_grad
+    prompt_grad = False
     demos = [textrl.Demo(PROMPTS[0], "take red apple from fridge", ACTIONS[0]),
              textrl.Demo(PROMPTS[1], "go south", ACTIONS[1])]
     nll = [-torch.stack([sequence_logp(policy, d.prompt, a, not prompt_grad) for a in d.actions]).log_softmax(-1)[
