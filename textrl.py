@@ -374,9 +374,8 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                     0.7229568362236023, 1.0])
 NF4_MIDPOINTS = (NF4[:-1] + NF4[1:]) / 2  # nearest level = the bucket between two midpoints
-# Speed: one lookup in a table of the 256 (high, low) level pairs, read as one 64-bit word, gives
-# both levels of a byte (2-3x faster on a CPU than unpacking the nibbles; index_select 2x faster
-# than indexing)
+# Speed: one lookup (index_select) in a table of the 256 (high, low) level pairs, read as one
+# 64-bit word, gives both levels of a byte: faster on a CPU than unpacking the nibbles
 NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], 1).view(torch.int64)[:, 0]
 BLOCK = 64
 
@@ -393,7 +392,8 @@ def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ALGO LOGIC: NF4 dequantization
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype=torch.float32):
     """Inverse of quantize_nf4: w = c * q[code], in fp32, then cast to `dtype`."""
-    levels = NF4_PAIRS.to(packed.device).index_select(0, packed.int()).view(torch.float32)  # q[code]
+    pairs = NF4_PAIRS.to(packed.device).index_select(0, packed.int())  # (numel/2,) two levels each
+    levels = pairs.view(torch.float32)  # (numel,): q[code]
     return levels.view(-1, BLOCK).mul_(absmax[:, None]).view(shape).to(dtype)  # c * q[code]
 
 class NF4MatMul(torch.autograd.Function):
@@ -589,7 +589,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 def compute_dtype(device: torch.device, bits: int) -> torch.dtype:
-    """bf16 where the hardware has it (recent CPUs too: 2-4x the fp32 matmul speed), else fp16 on
+    """bf16 where the hardware has it (recent CPUs too: a fraction of fp32's time), else fp16 on
     CUDA and fp32 on a CPU; fp32 at --bits 32."""
     if bits == 32:
         return torch.float32
@@ -652,7 +652,7 @@ class Policy(nn.Module):
         # 1) each prompt but its last token, without gradient: the prompt's keys and values are
         # constants to the loss, and the gradient reaches the adapters through the prompt's last
         # token and the candidates (step 3). The values are exact; the truncated gradient makes a
-        # training step ~0.6x as costly (no backward through most of the tokens).
+        # training step much cheaper: no backward through most of the tokens.
         full = [tok.encode(p, add_special_tokens=False) for p in prompts]
         B, T = len(full), max(map(len, full)) - 1
         ids = torch.tensor([f[:-1] + [0] * (T + 1 - len(f)) for f in full], device=device)  # (B, T)
@@ -662,7 +662,7 @@ class Policy(nn.Module):
             out = body(input_ids=ids, attention_mask=seen.long(), use_cache=True)
         # 2) row b: the prompt's last token (node 0, the root), then the candidates' tokens merged
         # into a prefix tree: a node is a token prefix, so commands that begin alike ('take red
-        # apple', 'take red pepper') share the nodes of their beginning (~25% fewer tokens)
+        # apple', 'take red pepper') share the nodes of their beginning: fewer tokens to run
         cands = [[encode_action(tok, a) for a in acts] for acts in actions]
         trees = [[()] + list(dict.fromkeys(c[:j] for c in cs for j in range(1, len(c) + 1)))
                  for cs in cands]  # each state's nodes, the root () first, parents before children
@@ -978,7 +978,7 @@ def collect_rollouts(policy: Policy, paths: list[str], cfg: Config, desc: str):
 def old_and_reference_logp(policy: Policy, batch, parts, reference: dict, first: bool):
     """log pi_old and log pi_ref of each transition, scored in the first epoch's micro-batches
     `parts`. pi_old is scored again, not taken from the rollouts: a state's score moves with the
-    states batched beside it (padding; in bf16 by up to ~1 nat), which would look like a policy
+    states batched beside it (padding; in bf16 by up to a nat), which would look like a policy
     change (ratio != 1) before any step. At the first update pi_ref = pi_old."""
     old, ref = torch.zeros(len(batch)), torch.zeros(len(batch))
     for part in tqdm(parts, desc="pi_old, pi_ref", leave=False, disable=rank() > 0):
