@@ -723,7 +723,8 @@ def token_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, int]:
     """The cross-entropy of the expert command's tokens y*_j given the prompt s, prompt tokens not
     counted:  L_tok = -(1/N) sum_b sum_j log p_LM(y*_bj | s_b, y*_b<j),  N = the expert tokens,
     = -(1/N) sum_b log p(a*_b | s_b): the policy's scores with the expert command as the only
-    candidate. Returns the loss and the number of prompt tokens."""
+    candidate (so its gradient too treats the prompt as a constant). Returns the loss and the
+    number of prompt tokens."""
     scores, _ = policy([d.prompt for d in demos], [[d.action] for d in demos])
     n = sum(len(encode_action(policy.tokenizer, d.action)) for d in demos)
     return -torch.cat(scores).sum() / n, sum(len(policy.tokenizer.encode(d.prompt)) for d in demos)
