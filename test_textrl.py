@@ -915,8 +915,8 @@ def test_bench_loader_peak_memory():
     """Peak RSS of a fresh process that loads SmolLM2 at each precision (fp32 GGUF weights, then NF4 layer by layer)."""
     code = ("import resource, torch, textrl; lm, _ = textrl.load_model(textrl.Config(bits={bits}, double_quant={dq}), "
             "torch.device('cpu')); print('RESULT', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
-            "sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in [*lm.parameters(), "
-            "*lm.buffers()]}.values()) / 2**20)")
+            "sum(t.numel() * t.element_size() for t in {{t.data_ptr(): t for t in [*lm.parameters(), "
+            "*lm.buffers()]}}.values()) / 2**20)")
     print()
     for bits, dq in [(32, False), (4, False), (4, True)]:
         out = subprocess.run([sys.executable, "-c", code.format(bits=bits, dq=dq)], cwd=HERE, capture_output=True,
