@@ -633,6 +633,8 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     assert np.isfinite(ppo[1]["policy_loss"]) and all("valid_win_rate" in r and "valid_score" in r for r in ppo)
     assert (run_dir / "curves.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last" / "adapter_model.safetensors").exists()
+    command = re.search(r"Command: `(.*)`", (run_dir / "results.md").read_text())[1]
+    assert shlex.split(command) == ["python", "textrl.py", *args]  # pasted into a shell, it runs this run again
     transcripts = (run_dir / "transcripts.md").read_text()  # one game per row, step by step
     assert all(f"## {name}: easy-test-001.z8" in transcripts for name in played) and "\n> " in transcripts
     config = json.load(open(run_dir / "checkpoints" / "last" / "adapter_config.json"))
@@ -754,7 +756,6 @@ def test_4bit_smollm2_is_bitsandbytes_nf4_and_its_agreement_with_32bit(tokenizer
     next-token argmax agreement and mean KL(p32 || p4) against the 32-bit model over easy-game prompts."""
     import bitsandbytes.functional as bnbf
     from unittest import mock
-    cfg = textrl.Config()
     demos = textrl.expert_demos(textrl.list_games(os.path.join(HERE, "games"), "easy", "test")[:2], tokenizer)
     with mock.patch.object(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False):  # fp32 compute
         four = textrl.load_model(textrl.Config(bits=4), torch.device("cpu"))[0].eval()
@@ -843,7 +844,6 @@ def test_bench_kv_cache_scoring_vs_per_candidate(smollm_policy):
 def bench_4bit_vs_32bit(what: str, n_demos: int, make_step):
     """Tokens/s of one training step with the 4-bit and the 32-bit SmolLM2: make_step(policy, demos) returns the step
     and the number of tokens it processes; demos are the first n_demos states of a train game's walkthrough."""
-    cfg = textrl.Config()
     for bits in (4, 32):
         lm, tok = textrl.load_model(textrl.Config(bits=bits), torch.device("cpu"))
         policy = textrl.Policy(lm, tok).train()
