@@ -611,8 +611,9 @@ def load_model(cfg: Config, device: torch.device):
                         "for the embedded SmolLM2") from None
     if cfg.bits == 4:
         quantize_model(lm, cfg.double_quant)  # from the fp32 weights
+    dtype = compute_dtype(device, cfg.bits)
     for p in lm.parameters():  # embeddings, norms, LM head: the compute dtype; NF4 buffers as is
-        p.data = p.data.to(compute_dtype(device, cfg.bits))
+        p.data = p.data.to(dtype)
     for m in lm.modules():
         m.use_bnb = isinstance(m, NF4Linear) and device.type == "cuda"
     add_lora(lm, cfg)
@@ -984,10 +985,10 @@ def old_and_reference_logp(policy: Policy, batch, parts, reference: dict, first:
     old, ref = torch.zeros(len(batch)), torch.zeros(len(batch))
     for part in tqdm(parts, desc="pi_old, pi_ref", leave=False, disable=rank() > 0):
         old[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
-        with swapped_adapters(policy, reference):
-            ref[part] = old[part] if first else score_batch(policy, [batch[j] for j in part])[
-                0].float().cpu()
-    return old, ref
+        if not first:
+            with swapped_adapters(policy, reference):
+                ref[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
+    return old, old.clone() if first else ref
 
 def chunks(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
@@ -1235,8 +1236,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
     # 5) PPO in the train games, the ones SFT has no walkthrough of first
     if cfg.ppo_updates:
         unseen_first = train[cfg.demo_games:] + train[:cfg.demo_games]
-        stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log,
-                                                      run_dir, resume_from), keep=False)
+        stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, run_dir,
+                                                resume_from), keep=False)
         evaluate_policy(f"{start}+PPO")
     # 6) the table, the stage times, the curves and the transcripts
     report = "\n".join([results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}"), "",
@@ -1246,8 +1247,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
                         f"Command: `python textrl.py {shlex.join(argv)}`  ",
                         f"Machine: {machine(device, compute_dtype(device, cfg.bits))}", ""])
     say("\n" + report)
-    if rank() == 0:
-        atomic_save(results_path, json.dumps({**results, "_seconds": seconds}, indent=2))
+    if rank() == 0:  # results.json is already written, after each stage
         atomic_save(os.path.join(run_dir, "results.md"), report)
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         write_transcripts(metrics, os.path.join(run_dir, "transcripts.md"), list(results))
