@@ -1251,6 +1251,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
         atomic_save(os.path.join(run_dir, "results.md"), report)
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         write_transcripts(metrics, os.path.join(run_dir, "transcripts.md"), list(results))
+    if world() > 1:
+        torch.distributed.barrier()  # all leave together: gloo can abort on a peer that left
     return results
 
 def main(argv=None):
