@@ -15,6 +15,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import types
 import time
 
 import numpy as np
@@ -71,7 +72,7 @@ def test_clean_drops_banner_status_lines_and_blank_runs():
 @pytest.mark.parametrize("split", list(textrl.SPLITS))
 def test_walkthrough_wins_every_game(level, split):
     games = textrl.list_games(os.path.join(HERE, "games"), level, split)
-    assert len(games) == textrl.SPLITS[split]
+    assert len(games) == len(textrl.SPLITS[split])
     _, played = textrl.play(games, textrl.walkthrough_agent, textrl.Config(max_steps=100), None)
     assert all(g.last.won for g in played)
     # per-step rewards are score increases (+ the win bonus) and add up to the final score
@@ -515,6 +516,15 @@ def test_gae_bootstraps_on_truncation_only():
     np.testing.assert_allclose(adv, [0.5, 1.0 + 0.9 * 2.0 - 0.5])
 
 
+def test_group_advantages_by_hand():
+    """Game a played twice (returns 1 and 0; 2 and 1 steps), game b once (return 2): each step gets its episode's
+    return minus its game's mean return: a's mean is 0.5, b's is 2."""
+    step = lambda r: types.SimpleNamespace(reward=r)
+    episodes = [[step(0.0), step(1.0)], [step(0.0)], [step(1.0), step(1.0)]]
+    games = [types.SimpleNamespace(path=p) for p in ("a", "a", "b")]
+    torch.testing.assert_close(textrl.group_advantages(episodes, games), torch.tensor([0.5, 0.5, -0.5, 0.0, 0.0]))
+
+
 # ---- 9. PPO -------------------------------------------------------------------------------------------------------
 def ppo_terms(ratio, adv, cfg=textrl.Config()):
     logp = torch.log(torch.tensor(ratio, dtype=torch.float64)).requires_grad_()
@@ -611,7 +621,7 @@ def test_cli_help_lists_every_setting():
 # ---- the real embedded model, end to end --------------------------------------------------------------------------
 # The whole tutorial at a tiny budget: one test game, SFT on 2 games' walkthroughs, one PPO update of 2 rollouts,
 # 3 steps per episode, every row also sampled.
-TINY_RUN = ["--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-updates", "1",
+TINY_RUN = ["--eval-games", "1", "--demo-games", "2", "--sft-epochs", "1", "--sft-batch", "4", "--ppo-steps", "1",
             "--rollout-games", "2", "--max-steps", "3", "--eval-every", "1", "--sampled"]
 
 
@@ -636,7 +646,7 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     command = re.search(r"Command: `(.*)`", (run_dir / "results.md").read_text())[1]
     assert shlex.split(command) == ["python", "textrl.py", *args]  # pasted into a shell, it runs this run again
     transcripts = (run_dir / "transcripts.md").read_text()  # one game per row, step by step
-    assert all(f"## {name}: easy-test-001.z8" in transcripts for name in played) and "\n> " in transcripts
+    assert all(f"## {name}: easy-test-1001.z8" in transcripts for name in played) and "\n> " in transcripts
     config = json.load(open(run_dir / "checkpoints" / "last" / "adapter_config.json"))
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     # the same command again, without --resume: refused, the run's files untouched
@@ -645,7 +655,7 @@ def test_end_to_end_with_the_embedded_model(tmp_path):
     assert (run_dir / "metrics.jsonl").read_bytes() == before
     # the saved policy evaluates with --checkpoint
     proc = run_cli("--checkpoint", str(run_dir / "checkpoints" / "last"), "--eval-games", "1", "--max-steps", "4",
-                   "--sft-epochs", "0", "--ppo-updates", "0", "--run-name", "check", cwd=tmp_path)
+                   "--sft-epochs", "0", "--ppo-steps", "0", "--run-name", "check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(json.load(open(tmp_path / "runs" / "check" / "results.json"))) == [
         "random", "walkthrough", "checkpoint", "_seconds"] and "| checkpoint |" in proc.stdout
@@ -656,7 +666,7 @@ def test_ppo_keeps_the_best_policy_on_validation_a_tie_going_to_the_later(tokeni
                                                                           valid_wins, kept):
     """train_ppo ends holding the policy that won the most validation games (the starting one competes as update 0;
     a tie goes to the later one) and returns its update number; validation results are scripted."""
-    cfg = textrl.Config(lora_dropout=0.0, ppo_updates=1, rollout_games=1, eval_every=1, max_steps=2, minibatch=2,
+    cfg = textrl.Config(lora_dropout=0.0, ppo_steps=1, rollout_games=1, eval_every=1, max_steps=2, minibatch=2,
                         micro_batch=2)
     policy = tiny_policy(tokenizer, cfg)
     nn.init.normal_(policy.value_head.weight, std=0.1)  # V != 0: nonzero advantages, so PPO moves the policy
@@ -673,7 +683,7 @@ def test_kl_reference_is_the_policy_ppo_starts_from(tokenizer, tmp_path):
     """At each update's start the policy is pi_old: ratio 1 and KL 0 to it (one mini-batch, so every micro-batch is
     scored before the one step). pi_ref is the policy PPO started from: KL 0 at the first update, > 0 once PPO has
     moved, and the saved reference adapters, swapped in, give the starting policy's scores exactly."""
-    cfg = textrl.Config(lora_dropout=0.0, ppo_updates=2, rollout_games=1, max_steps=3, minibatch=64, micro_batch=2,
+    cfg = textrl.Config(lora_dropout=0.0, ppo_steps=6, rollout_games=1, max_steps=3, minibatch=64, micro_batch=2,
                         ppo_lr=1e-2)
     policy, rows, x = tiny_policy(tokenizer, cfg), [], (PROMPTS[:1], [SHARED])
     nn.init.normal_(policy.value_head.weight, std=0.1)  # V != 0: nonzero advantages, so PPO moves the policy
@@ -681,6 +691,7 @@ def test_kl_reference_is_the_policy_ppo_starts_from(tokenizer, tmp_path):
         start = policy(*x)[0][0]
     game = textrl.list_games(os.path.join(HERE, "games"), "easy", "train")[:1]
     textrl.train_ppo(policy, game, game, cfg, rows.append, str(tmp_path))
+    assert [r["env_steps"] for r in rows] == [3, 6]  # updates until the budget of 6 steps is spent
     assert all(abs(r["approx_kl"]) < 1e-6 and r["clipfrac"] == 0 for r in rows)
     assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[1]["kl_ref"] > 1e-6
     with torch.no_grad():
@@ -714,6 +725,34 @@ def test_a_local_model_folder_runs_the_whole_tutorial(tokenizer, tmp_path, devic
     assert "SFT+PPO" in results["_seconds"] and "| SFT+PPO |" in proc.stdout
     ppo = [json.loads(line) for line in open(tmp_path / "runs" / "t" / "metrics.jsonl") if '"ppo_update": 1' in line]
     assert len(ppo) == 1 and np.isfinite(ppo[0]["policy_loss"]) and np.isfinite(ppo[0]["value_loss"])
+
+
+def test_seeds_summary_group_advantages_and_the_curve(tokenizer, tmp_path):
+    """--seeds 2 runs the recipe once per seed and tabulates each row per seed with its mean, and PPO's gain over SFT,
+    all as in each seed's results.json. PPO plays until its budget of steps is spent (1 game x 2 plays x 3 steps per
+    update: 2 updates for 7 steps) with group-relative advantages; --curve-every 1 plays the table's games after
+    update 1, not after the last (that is the table's row); --no-baselines leaves out the untrained rows."""
+    model = tiny_model_folder(tokenizer, tmp_path / "tiny")
+    os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
+    proc = run_cli("--model", model, "--eval-games", "2", "--demo-games", "2", "--sft-batch", "4", "--max-steps", "3",
+                   "--rollout-games", "1", "--group-size", "2", "--advantage", "group", "--ppo-steps", "7",
+                   "--curve-every", "1", "--no-baselines", "--seeds", "2", "--seed", "5", "--run-name", "s",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gains = []
+    for seed in (5, 6):
+        results = json.load(open(tmp_path / "runs" / "s" / f"seed-{seed}" / "results.json"))
+        assert list(results) == ["SFT", "SFT+PPO", "_seconds"]
+        gains.append(results["SFT+PPO"]["win_rate"] - results["SFT"]["win_rate"])
+        rows = [json.loads(line) for line in open(tmp_path / "runs" / "s" / f"seed-{seed}" / "metrics.jsonl")]
+        ppo = [r for r in rows if r["stage"] == "ppo"]
+        assert [r["env_steps"] for r in ppo] == [6, 12] and ["heldout_win_rate" in r for r in ppo] == [True, False]
+        assert sum(r["agent"] == "curve" for r in rows if r["stage"] == "episode") == 0  # the curve logs no games
+    table = (tmp_path / "runs" / "s" / "seeds.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| SFT+PPO - SFT |")).split("|")
+    assert [float(x) for x in row[2:4]] == pytest.approx(gains) and float(row[4].split("±")[0]) == pytest.approx(
+        np.mean(gains), abs=1e-3)
+    assert table in proc.stdout and (tmp_path / "runs" / "s" / "seeds.png").stat().st_size > 0
 
 
 @CUDA
@@ -935,7 +974,7 @@ def test_two_processes_with_torchrun_train_like_one(tokenizer, tmp_path):
     tokenizer.save_pretrained(model_dir)
     os.symlink(os.path.join(HERE, "games"), tmp_path / "games")
     args = ["--model", str(model_dir), "--bits", "32", "--demo-games", "2", "--sft-batch", "13", "--micro-batch", "1",
-            "--lora-dropout", "0", "--ppo-updates", "0", "--eval-games", "2", "--max-steps", "2"]
+            "--lora-dropout", "0", "--ppo-steps", "0", "--eval-games", "2", "--max-steps", "2"]
     one = run_cli(*args, "--run-name", "one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -14,7 +14,7 @@ model and tokenizer, `textworld` the games, `bitsandbytes` the reference our NF4
 
     python textrl.py               # zero-shot -> SFT -> PPO -> the results table (a CPU is fine)
     python textrl.py --help        # every setting
-    python textrl.py --make-games  # regenerate games/ exactly (needs only the textworld package)
+    python textrl.py --make-games  # regenerate games/ from their seeds (needs only textworld)
 """
 from __future__ import annotations
 
@@ -76,8 +76,12 @@ class Config:
     demo_games: int = arg(0, "SFT on the walkthroughs of the first N train games (0 = all)")
     micro_batch: int = arg(8, "states per forward pass; gradients accumulate (SFT and PPO)")
     save_every: int = arg(10, "checkpoint every N SFT steps (and at the end of every stage)")
-    ppo_updates: int = arg(2, "PPO updates, each = rollouts + GAE + optimization (0 = no PPO)")
+    ppo_steps: int = arg(100, "PPO's budget of environment steps: updates (rollouts + advantages + "
+                         "optimization) go on until it is spent (0 = no PPO)")
     rollout_games: int = arg(4, "train games played per update, sampling a ~ pi(.|s)")
+    group_size: int = arg(1, "plays of each of those games per update (the group of --advantage)")
+    advantage: str = arg("gae", "gae: GAE with the value head; group: the episode's return minus "
+                         "the mean return of its game's group (GRPO/RLOO style, no critic)")
     ppo_epochs: int = arg(1, "optimization passes over each update's experience")
     minibatch: int = arg(8, "transitions per PPO optimizer step")
     ppo_lr: float = arg(3e-5, "learning rate of the adapters in PPO (AdamW, constant)")
@@ -89,10 +93,14 @@ class Config:
     ent_coef: float = arg(0.0, "weight c_H of the entropy bonus")
     kl_coef: float = arg(0.05, "weight beta of the KL penalty to the policy PPO starts from")
     eval_every: int = arg(0, "validate every N updates and keep the best policy (0 = the last)")
+    curve_every: int = arg(0, "every N updates also play the table's games: the sample-efficiency "
+                           "curve, never used to choose a policy (0 = off)")
     eval_split: str = arg("test", "split of the results table: test, or valid while tuning")
-    eval_games: int = arg(0, "evaluate on the first N games of each split (0 = all)")
+    eval_games: int = arg(16, "evaluate on the first N games of each split (0 = all)")
     sampled: bool = arg(False, "also evaluate each policy sampling a ~ pi(.|s): a second row")
     checkpoint: str = arg("", "start from a saved policy (a checkpoint folder), not the LLM")
+    baselines: bool = arg(True, "evaluate random, walkthrough and zero-shot (off: trained rows)")
+    seeds: int = arg(1, "run the recipe with seeds seed..seed+N-1: each row's mean and spread")
 
 def parse_config(argv=None) -> Config:
     """Build the CLI from Config's fields: every field is a --flag with its help text."""
@@ -112,11 +120,11 @@ class UserError(Exception):
 
 def check_config(cfg: Config):
     """Every setting is checked before any work starts; a bad one is a one-line error."""
-    choices = dict(level=LEVELS, bits=(4, 16, 32), sft_loss=SFT_LOSSES,
+    choices = dict(level=LEVELS, bits=(4, 16, 32), sft_loss=SFT_LOSSES, advantage=("gae", "group"),
                    device=("auto", "cpu", "cuda"), eval_split=("valid", "test"))
     inf, ranges = float("inf"), dict(gamma=(0, 1), lam=(0, 1), lora_dropout=(0, 0.99))
     ranges |= {n: (1, inf) for n in "lora_r sft_batch micro_batch save_every rollout_games "
-               "ppo_epochs minibatch".split()}
+               "ppo_epochs minibatch group_size seeds".split()}
     ranges |= {n: (1e-12, inf) for n in "clip lora_alpha sft_lr ppo_lr value_lr".split()}
     for f in dataclasses.fields(Config):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -174,15 +182,16 @@ def gather(items: list) -> list:
 # preparations never seen in "train" games: the held-out win rate measures generalization.
 LEVELS = {"easy": "--recipe 1 --take 1 --go 6 --open",
           "tutorial": "--recipe 2 --take 2 --go 6 --open --cut"}
-SPLITS = {"train": 32, "valid": 8, "test": 16}  # games per split; seeds are 1..N within each split
+# tw-make seeds per split; the test seeds are new ones, never looked at while choosing settings
+SPLITS = {"train": range(1, 33), "valid": range(1, 9), "test": range(1001, 1065)}
 warnings.filterwarnings("ignore", message=".*is not fully supported.*")  # jericho; TextWorld scores
 
 def make_games(folder: str):
     """Regenerate every bundled game: games/<level>/<split>/<level>-<split>-<seed>.z8 (+ .json)."""
     jobs = [f"tw-make tw-cooking {options} --split {split} --seed {seed} --silent -f --output "
             + os.path.join(folder, level, split, f"{level}-{split}-{seed:03d}.z8")
-            for level, options in LEVELS.items() for split, n in SPLITS.items()
-            for seed in range(1, n + 1)]
+            for level, options in LEVELS.items() for split, seeds in SPLITS.items()
+            for seed in seeds]
     bin_dir = os.path.dirname(sys.executable)  # tw-make sits next to the python that has textworld
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -990,6 +999,17 @@ def old_and_reference_logp(policy: Policy, batch, parts, reference: dict, first:
                 ref[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
     return old, old.clone() if first else ref
 
+# ALGO LOGIC: group-relative advantages, the critic-free baseline of GRPO and RLOO
+def group_advantages(episodes: list, games: list) -> torch.Tensor:
+    """Every step t of an episode with return R gets A_t = R - mean(R of the plays of its game):
+    better or worse than the policy usually does in this game. Returns (N,), steps end to end."""
+    returns = [(g.path, sum(t.reward for t in ep)) for ep, g in zip(episodes, games)]
+    group = {}
+    for path, r in gather(returns):  # a game's plays may be split between processes
+        group.setdefault(path, []).append(r)
+    adv = [r - np.mean(group[path]) for (path, r), ep in zip(returns, episodes) for _ in ep]
+    return torch.tensor(adv, dtype=torch.float32)
+
 def chunks(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
 
@@ -1019,10 +1039,11 @@ def ppo_update(policy: Policy, optimizer, batch, adv, ret, old_logp, ref_logp, o
     return stats
 
 def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cfg: Config, log,
-              run_dir: str, resume_from: str | None = None) -> int:
-    """The outer RL loop. Each update: 1) rollouts, 2) GAE, 3) log pi_old and log pi_ref, 4) the
-    clipped-PPO epochs, 5) validation and a checkpoint. With validation, it ends holding the best
-    policy by validation win rate and returns its update number (0: the policy it started from)."""
+              run_dir: str, resume_from: str | None = None, curve_paths=()) -> int:
+    """The outer RL loop, until cfg.ppo_steps environment steps are played. Each update:
+    1) rollouts, 2) advantages, 3) log pi_old and log pi_ref, 4) the clipped-PPO epochs, 5) the
+    validation, the curve's point and a checkpoint. With validation, it ends holding the best policy
+    by validation win rate and returns its update number (0: the policy it started from)."""
     head = list(policy.value_head.parameters())
     lora = [p for p in trainable(policy) if all(p is not q for q in head)]
     optimizer = torch.optim.AdamW([{"params": lora, "lr": cfg.ppo_lr},
@@ -1048,16 +1069,18 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
 
     if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too
         log({"stage": "ppo", "ppo_update": 0, "env_steps": 0, **validate(0)})
-    for update in range(counters["ppo_update"] + 1, cfg.ppo_updates + 1):
-        t0 = time.time()
-        # 1) rollouts in rollout_games train games, taken in turn
+    while counters["env_steps"] < cfg.ppo_steps:
+        t0, update = time.time(), counters["ppo_update"] + 1
+        # 1) rollouts in rollout_games train games, taken in turn, each played group_size times
         paths = [train_paths[((update - 1) * cfg.rollout_games + i) % len(train_paths)]
-                 for i in range(cfg.rollout_games)]
+                 for i in range(cfg.rollout_games) for _ in range(cfg.group_size)]
         batch, episodes, games = collect_rollouts(policy, paths, cfg, f"rollouts {update}")
-        # 2) advantages and returns
+        # 2) advantages and returns (the value head's targets)
         adv, ret = gae(*zip(*[(t.reward, t.value, t.terminal, t.truncated, t.next_value)
                               for t in batch]), cfg.gamma, cfg.lam)
         adv, ret = torch.tensor(adv, dtype=torch.float32), torch.tensor(ret, dtype=torch.float32)
+        if cfg.advantage == "group":
+            adv = group_advantages(episodes, games)
         # 3) log pi_old and log pi_ref, in the first epoch's micro-batches
         orders = [torch.randperm(len(batch)).tolist() for _ in range(cfg.ppo_epochs)]
         parts = [p for mb in chunks(orders[0], cfg.minibatch) for p in chunks(mb, cfg.micro_batch)]
@@ -1074,21 +1097,25 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
                # explained variance 1 - Var[R - V] / Var[R]: 1 a perfect critic, <= 0 a useless one
                "explained_variance": float(1 - (ret - v).var() / ret.var()) if ret.var() > 0 else 0,
                **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]}}
-        if cfg.eval_every and (update % cfg.eval_every == 0 or update == cfg.ppo_updates):
+        last = counters["env_steps"] >= cfg.ppo_steps
+        if cfg.eval_every and (update % cfg.eval_every == 0 or last):
             row.update(validate(update))
+        if cfg.curve_every and update % cfg.curve_every == 0 and not last:  # last: the table's row
+            r = evaluate(curve_paths, llm_agent(policy, True), cfg, policy.tokenizer, "curve")
+            row["heldout_win_rate"] = r["win_rate"]
         log(row)
         if rank() == 0:
-            shown = ("return", "train_win_rate", "valid_win_rate", "approx_kl", "kl_ref",
-                     "clipfrac", "explained_variance")
-            tqdm.write(f"PPO {update}/{cfg.ppo_updates} | " + " | ".join(
-                f"{k} {row[k]:.3f}" for k in shown if k in row))
+            shown = ("return", "train_win_rate", "valid_win_rate", "heldout_win_rate", "approx_kl",
+                     "kl_ref", "clipfrac", "explained_variance")
+            tqdm.write(f"PPO {update}, {counters['env_steps']}/{cfg.ppo_steps} steps | "
+                       + " | ".join(f"{k} {row[k]:.3f}" for k in shown if k in row))
         save_checkpoint(os.path.join(run_dir, "checkpoints"), policy, optimizer, scheduler,
                         counters, cfg)
     if world() > 1:
         torch.distributed.barrier()  # rank 0 has written best/
     if cfg.eval_every and find_checkpoint(best):
         load_checkpoint(find_checkpoint(best), policy, cfg)
-    return counters["best_update"] if cfg.eval_every else cfg.ppo_updates
+    return counters["best_update"] if cfg.eval_every else counters["ppo_update"]
 
 
 # ---- 10. Evaluation ------------------------------------------------------------------------------
@@ -1159,7 +1186,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     check_config(cfg)
     if cfg.make_games:
         return make_games(cfg.games)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun; main() ends the group
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and world() == 1:  # torchrun; main() ends it
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -1213,16 +1240,19 @@ def run(cfg: Config, argv: list[str]) -> dict:
     policy = Policy(lm, tok)
     say(f"{cfg.model} in {cfg.bits} bits on {device}: {describe(policy)}")
     # 2) the baselines: the floor and the ceiling
-    stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None,
-                                     "random", log))
-    stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough", log))
+    if cfg.baselines:
+        stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None,
+                                         "random", log))
+        stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough",
+                                              log))
     # 3) the LLM as it comes (zero-shot), or a saved policy
     resume_from = find_checkpoint(ckpt_dir) if cfg.resume else None
     counters = load_checkpoint(resume_from, policy, cfg) if resume_from else {}
     start = "checkpoint" if cfg.checkpoint else "zero-shot"
     if cfg.checkpoint and not resume_from:
         load_checkpoint(cfg.checkpoint, policy, cfg)
-    evaluate_policy(start)
+    if cfg.baselines or cfg.checkpoint:
+        evaluate_policy(start)
     # 4) SFT on the expert walkthroughs of the first demo_games train games
     if cfg.sft_epochs and "ppo_update" not in counters:
         demos = expert_demos(train[:cfg.demo_games or None], tok)
@@ -1234,10 +1264,10 @@ def run(cfg: Config, argv: list[str]) -> dict:
         start = "SFT"
         evaluate_policy(start)
     # 5) PPO in the train games, the ones SFT has no walkthrough of first
-    if cfg.ppo_updates:
+    if cfg.ppo_steps:
         unseen_first = train[cfg.demo_games:] + train[:cfg.demo_games]
         stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, run_dir,
-                                                resume_from), keep=False)
+                                                resume_from, test), keep=False)
         evaluate_policy(f"{start}+PPO")
     # 6) the table, the stage times, the curves and the transcripts
     report = "\n".join([results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}"), "",
@@ -1255,10 +1285,51 @@ def run(cfg: Config, argv: list[str]) -> dict:
         torch.distributed.barrier()  # all leave together: gloo can abort on a peer that left
     return results
 
+def summarize_seeds(folder: str, seeds: list[int]) -> str:
+    """Each row's win rate per seed, its mean, standard deviation and range, and PPO's gain over
+    the policy it started from; the held-out win rate against PPO's environment steps, per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = [json.load(open(os.path.join(folder, f"seed-{s}", "results.json"))) for s in seeds]
+    rows = {k: [r[k]["win_rate"] for r in results] for k in results[0] if k != "_seconds"}
+    rows |= {f"{k} - {k[:-4]}": [a - b for a, b in zip(v, rows[k[:-4]])]
+             for k, v in list(rows.items()) if k.endswith("+PPO") and k[:-4] in rows}
+    out = [f"| win rate | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd (range) |",
+           "|---|" + "---|" * (len(seeds) + 1)]
+    out += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} ± "
+            f"{np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f}) |"
+            for k, v in rows.items()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s, r in zip(seeds, results):
+        m = [json.loads(ln) for ln in open(os.path.join(folder, f"seed-{s}", "metrics.jsonl"))]
+        ppo = [row for row in m if row["stage"] == "ppo" and "return" in row]
+        start = next((k for k in r if k + "+PPO" in r), None)
+        if ppo and start:
+            xy = [(0, r[start]["win_rate"])] + [(row["env_steps"], row["heldout_win_rate"])
+                                               for row in ppo if "heldout_win_rate" in row]
+            ax.plot(*zip(*xy, (ppo[-1]["env_steps"], r[start + "+PPO"]["win_rate"])), "o-",
+                    label=f"seed {s}")
+    ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "seeds.png"), dpi=100)
+    plt.close(fig)
+    atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
+    return "\n".join(out)
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return run(parse_config(argv), argv)
+        cfg = parse_config(argv)
+        if cfg.seeds == 1:
+            return run(cfg, argv)
+        name, seeds = cfg.run_name or time.strftime("seeds-%Y%m%d-%H%M%S"), \
+            list(range(cfg.seed, cfg.seed + cfg.seeds))
+        for s in seeds:
+            run(dataclasses.replace(cfg, seed=s, seeds=1, run_name=f"{name}/seed-{s}"), argv)
+        if rank() == 0:
+            print(summarize_seeds(os.path.join("runs", name), seeds))
     except UserError as e:
         print(f"textrl: error: {e}", file=sys.stderr)
         sys.exit(2)
