@@ -1152,13 +1152,22 @@ def write_transcripts(metrics_path: str, md_path: str, agents: list[str]):
             out += ["```", ""]
     atomic_save(md_path, "\n".join(out))
 
-def plot_curves(metrics_path: str, png_path: str):
-    """SFT loss per step, and PPO's return and win rates per environment step, into one PNG."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+def save_figure(fig, png_path: str):
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    pyplot().close(fig)
+
+def plot_curves(metrics_path: str, png_path: str):
+    """SFT loss per step, and PPO's return and win rates per environment step, into one PNG."""
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, stage, x, keys in [(axes[0], "sft", "sft_step", ["loss", "val_loss"]), (
             axes[1], "ppo", "env_steps", ["return", "train_win_rate", "valid_win_rate"])]:
         for key in keys:
@@ -1167,9 +1176,7 @@ def plot_curves(metrics_path: str, png_path: str):
                 ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key)
         ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
     """The hardware in words, with the dtype the model computes in."""
@@ -1288,23 +1295,20 @@ def run(cfg: Config, argv: list[str]) -> dict:
 def summarize_seeds(folder: str, seeds: list[int]) -> str:
     """Each row's win rate per seed, its mean, standard deviation and range, and PPO's gain over
     the policy it started from; the held-out win rate against PPO's environment steps, per seed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     results = [json.load(open(os.path.join(folder, f"seed-{s}", "results.json"))) for s in seeds]
     rows = {k: [r[k]["win_rate"] for r in results] for k in results[0] if k != "_seconds"}
-    rows |= {f"{k} - {k[:-4]}": [a - b for a, b in zip(v, rows[k[:-4]])]
-             for k, v in list(rows.items()) if k.endswith("+PPO") and k[:-4] in rows}
+    start = next((k for k in rows if k + "+PPO" in rows), None)  # the policy PPO started from
+    rows |= {f"{start}+PPO - {start}": [b - a for a, b in zip(rows[start], rows[start + "+PPO"])]
+             } if start else {}
     out = [f"| win rate | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd (range) |",
            "|---|" + "---|" * (len(seeds) + 1)]
     out += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} ± "
             f"{np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f}) |"
             for k, v in rows.items()]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for s, r in zip(seeds, results):
         m = [json.loads(ln) for ln in open(os.path.join(folder, f"seed-{s}", "metrics.jsonl"))]
         ppo = [row for row in m if row["stage"] == "ppo" and "return" in row]
-        start = next((k for k in r if k + "+PPO" in r), None)
         if ppo and start:
             xy = [(0, r[start]["win_rate"])] + [(row["env_steps"], row["heldout_win_rate"])
                                                for row in ppo if "heldout_win_rate" in row]
@@ -1312,9 +1316,7 @@ def summarize_seeds(folder: str, seeds: list[int]) -> str:
                     label=f"seed {s}")
     ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "seeds.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(folder, "seeds.png"))
     atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
     return "\n".join(out)
 
