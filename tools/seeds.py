@@ -1,0 +1,97 @@
+"""Run textrl's recipe once per seed, then summarize every seed run so far.
+
+    python tools/seeds.py --seeds 3 --run-name full --eval-games 0 --no-baselines [textrl flags]
+
+Seed s runs as `python textrl.py --seed s --run-name <name>/seed-<s> [flags]` would, in
+runs/<name>/seed-<s>/ (an existing one is continued, as with --resume). After each seed,
+runs/<name>/seeds.md tabulates every finished seed found there: each row's win rate per seed, its
+mean, standard deviation and range, and PPO's gain over the policy it started from; seeds.png plots
+the held-out win rate against PPO's environment steps, one line per seed, and their mean. Seeds can
+so be run one at a time, in separate sessions, into the same name.
+"""
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import textrl  # noqa: E402
+
+
+def curve(folder: str, start: str) -> list[tuple[int, float]]:
+    """(PPO environment steps, held-out win rate) of one seed run: the start policy's row, the
+    curve's points during PPO, and the final row."""
+    results = json.load(open(os.path.join(folder, "results.json")))
+    ppo = [r for r in textrl.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+           if r["stage"] == "ppo" and "return" in r]
+    if not ppo or start + "+PPO" not in results:
+        return []
+    return [(0, results[start]["win_rate"])] + [(r["env_steps"], r["heldout_win_rate"])
+                                               for r in ppo if "heldout_win_rate" in r] + [
+        (ppo[-1]["env_steps"], results[start + "+PPO"]["win_rate"])]
+
+
+def summarize(folder: str) -> str:
+    """seeds.md and seeds.png for every finished seed-<s>/ in folder; returns the table."""
+    runs = sorted((int(re.search(r"seed-(\d+)$", d)[1]), d) for d in glob.glob(
+        os.path.join(folder, "seed-*")) if os.path.exists(os.path.join(d, "results.md")))
+    seeds, results = [s for s, _ in runs], [json.load(open(os.path.join(d, "results.json")))
+                                            for _, d in runs]
+    rows = {k: [r[k]["win_rate"] for r in results] for k in results[0] if k != "_seconds"}
+    start = next((k for k in rows if k + "+PPO" in rows), None)  # the policy PPO started from
+    if start:
+        rows[f"{start}+PPO - {start}"] = [b - a for a, b in zip(rows[start], rows[start + "+PPO"])]
+    out = [f"| win rate | {' | '.join(f'seed {s}' for s in seeds)} | mean ± sd (range) |",
+           "|---|" + "---|" * (len(seeds) + 1)]
+    out += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} ± "
+            f"{np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f}) |"
+            for k, v in rows.items()]
+    with textrl.figure(os.path.join(folder, "seeds.png"), 1, 6) as (ax,):
+        curves = [curve(d, start) for _, d in runs] if start else []
+        for s, xy in zip(seeds, curves):
+            if xy:
+                ax.plot(*zip(*xy), "o-", alpha=0.6, label=f"seed {s}")
+        if len({len(xy) for xy in curves}) == 1 and curves[0]:  # the same points: their mean
+            ax.plot(np.mean([[x for x, _ in xy] for xy in curves], 0),
+                    np.mean([[y for _, y in xy] for xy in curves], 0), "k-", lw=2, label="mean")
+        ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
+        ax.legend()
+    textrl.atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
+    return "\n".join(out)
+
+
+def seeds(cfg: textrl.Config, argv: list[str], n: int) -> str:
+    """Run the recipe for seeds cfg.seed .. cfg.seed + n - 1, summarizing after each."""
+    if n < 1:
+        raise textrl.UserError(f"--seeds must be at least 1, got {n}")
+    textrl.check_config(cfg)
+    name = cfg.run_name or time.strftime("seeds-%Y%m%d-%H%M%S")
+    for s in range(cfg.seed, cfg.seed + n):
+        run_name = f"{name}/seed-{s}"
+        resume = os.path.exists(os.path.join("runs", run_name, "results.json"))
+        textrl.run(dataclasses.replace(cfg, seed=s, run_name=run_name, resume=resume or cfg.resume),
+                   argv + ["--seed", str(s), "--run-name", run_name])
+        table = summarize(os.path.join("runs", name))
+        textrl.say(f"\n{table}")
+    return table
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = textrl.parser()
+    p.description = __doc__.split("\n")[0]
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (%(default)s)")
+    args = vars(p.parse_args(argv))
+    n = args.pop("seeds")
+    rest = [a for i, a in enumerate(argv) if not (a.startswith("--seeds") or (
+        i > 0 and argv[i - 1] == "--seeds"))]
+    textrl.main(rest, job=lambda cfg, argv: seeds(cfg, argv, n))
+
+
+if __name__ == "__main__":
+    main()
