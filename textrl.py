@@ -81,12 +81,12 @@ class Config:
 
 def parser() -> argparse.ArgumentParser:
     """The CLI, built from Config's fields: every field is a --flag with its help text."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p, kinds = argparse.ArgumentParser(description=__doc__.split("\n")[0]), dict(
+        bool=dict(action=argparse.BooleanOptionalAction), int=dict(type=int),
+        float=dict(type=float), str=dict(type=str))
     for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
-        kind = {"bool": dict(action=argparse.BooleanOptionalAction)}.get(
-            f.type, dict(type={"int": int, "float": float, "str": str}.get(f.type)))
-        p.add_argument(flag, default=f.default, help=help + " (%(default)s)", **kind)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kinds[f.type],
+                       help=f.metadata["help"].replace("%", "%%") + " (%(default)s)")
     return p
 
 class UserError(Exception):
@@ -148,8 +148,7 @@ def say(message: str):
         tqdm.write(message)
 
 def atomic_save(path: str, save) -> None:
-    """Write with save(tmp_path), or the text `save`, then rename: a crash leaves the old file or
-    the new one, never half of one."""
+    """Write with save(tmp_path), or the text `save`, then rename: never half a file."""
     if isinstance(save, str):
         text, save = save, lambda p: open(p, "w").write(text)
     save(path + ".tmp")
@@ -548,16 +547,6 @@ def load_model(cfg: Config, device: torch.device):
     add_lora(lm, cfg)
     return lm.to(device), tokenizer
 
-def describe(model: nn.Module) -> str:
-    """Trainable and total parameters (two 4-bit weights per packed byte), and the weights' MiB."""
-    held = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(),
-                                                                  *model.buffers()]}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + sum(
-        2 * m.packed.numel() for m in model.modules() if isinstance(m, NF4Linear))
-    return f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%); " \
-           f"weights {sum(held.values()) / 2**20:.0f} MiB"
-
 class Policy(nn.Module):
     """pi(a | s) over the valid commands of s, and V(s). V is a linear head on the hidden state of
     the prompt's last token: the LM's features of the state, shared with (and trained through) the
@@ -646,17 +635,16 @@ def act(policy: Policy, prompts: list[str], actions: list[list[str]], greedy: bo
 # Two losses make the expert's command likely (--sft-loss). The tutorial's is the language model's:
 # the cross-entropy of the command's tokens (token_loss). The default, policy_demo_loss, is
 # -log pi(a* | s) with pi a softmax over the valid commands only, the choice the agent makes: it
-# also pushes down the valid commands the expert did not play (the wrong ingredient, the door
-# already explored).
+# also pushes down the valid commands the expert did not play (the wrong ingredient, a known door).
 # ALGO LOGIC: the tutorial's SFT loss
 def token_loss(policy: Policy, demos: list[Demo]) -> torch.Tensor:
-    """The cross-entropy of the expert command's tokens y*_j given the prompt s, prompt tokens not
-    counted:  L_tok = -(1/N) sum_b sum_j log p_LM(y*_bj | s_b, y*_b<j),  N = the expert tokens,
-    = -(1/N) sum_b log p(a*_b | s_b): the policy's scores with the expert command as the only
+    """The cross-entropy of the expert command's tokens y*_j given the prompt s (whose own tokens
+    do not count): L_tok = -(1/N) sum_b sum_j log p_LM(y*_bj | s_b, y*_b<j), N the expert tokens,
+    = -(1/N) sum_b log p(a*_b | s_b), the policy's score with the expert command as the only
     candidate (so its gradient too treats the prompt as a constant)."""
     scores, _ = policy([d.prompt for d in demos], [[d.action] for d in demos])
-    n = sum(len(encode_action(policy.tokenizer, d.action)) for d in demos)
-    return -torch.cat(scores).sum() / n
+    return -torch.cat(scores).sum() / sum(len(encode_action(policy.tokenizer, d.action))
+                                          for d in demos)
 
 # ALGO LOGIC: the default SFT loss, behaviour cloning through the policy
 def policy_demo_loss(policy: Policy, demos: list[Demo]) -> torch.Tensor:
@@ -689,16 +677,15 @@ def optimizer_step(model: nn.Module, optimizer) -> float:
     return norm
 
 def save_checkpoint(folder: str, policy: Policy, optimizer, counters: dict, cfg: Config):
-    """folder/last: the adapters (peft's format), value head, optimizer, RNGs and counters, written
-    to folder/tmp, then renamed; the one before stays as folder/previous: a kill at any moment
-    leaves a loadable checkpoint."""
+    """folder/last: adapters (peft's format), value head, optimizer, RNGs, counters; written as
+    folder/tmp, then renamed, the one before kept as folder/previous: a kill never loses both."""
     if RANK > 0:
         return
     tmp, last, prev = (os.path.join(folder, n) for n in ("tmp", "last", "previous"))
     save_adapter(policy.lm, tmp, cfg)
-    torch.save({"model": cfg.model, "value_head": policy.value_head.state_dict(), "optimizer":
-                optimizer.state_dict(), "counters": counters, "rng": [random.getstate(),
-                np.random.get_state(), torch.get_rng_state()]}, os.path.join(tmp, "state.pt"))
+    rng = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
+    torch.save({"model": cfg.model, "value_head": policy.value_head.state_dict(), "rng": rng,
+                "optimizer": optimizer.state_dict(), "counters": counters}, f"{tmp}/state.pt")
     if os.path.isdir(last):
         shutil.rmtree(prev, ignore_errors=True)
         os.rename(last, prev)
@@ -706,13 +693,13 @@ def save_checkpoint(folder: str, policy: Policy, optimizer, counters: dict, cfg:
 
 def find_checkpoint(folder: str) -> str | None:
     """The newest complete checkpoint in folder, or None."""
-    paths = [os.path.join(folder, name) for name in ("last", "previous")]
-    return next((p for p in paths if os.path.isfile(os.path.join(p, "state.pt"))), None)
+    return next((p for p in (f"{folder}/last", f"{folder}/previous")
+                 if os.path.isfile(f"{p}/state.pt")), None)
 
 def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None) -> dict:
     """Restore a checkpoint into the policy (and the optimizer and RNGs); returns its counters."""
     try:
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+        state = torch.load(f"{path}/state.pt", weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {path!r} cannot be read ({type(e).__name__}); nothing was "
                         "overwritten: use checkpoints/previous, or another folder") from None
@@ -730,24 +717,23 @@ def load_checkpoint(path: str, policy: Policy, cfg: Config, optimizer=None) -> d
 
 def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Config, log,
               ckpt_dir: str, resume_from: str | None = None, hook=None):
-    """AdamW on the adapters; the learning rate rises linearly over the first 10% of the steps,
-    then falls linearly to 0; gradients accumulate over micro-batches. The validation loss after
-    each epoch; a checkpoint every cfg.save_every steps."""
-    per_epoch = math.ceil(len(demos) / cfg.sft_batch)
-    total, loss_fn = cfg.sft_epochs * per_epoch, SFT_LOSSES[cfg.sft_loss]
+    """AdamW on the adapters, the learning rate rising linearly over the first 10% of the steps,
+    then falling linearly to 0; gradients accumulate over micro-batches. A checkpoint every
+    cfg.save_every steps, the validation loss after each epoch."""
+    per_epoch, loss_fn = math.ceil(len(demos) / cfg.sft_batch), SFT_LOSSES[cfg.sft_loss]
+    total = cfg.sft_epochs * per_epoch
     warm = max(1, total // 10)
     optimizer = torch.optim.AdamW(trainable(policy), lr=cfg.sft_lr, weight_decay=0.0)
     start = load_checkpoint(resume_from, policy, cfg, optimizer)["sft_step"] if resume_from else 0
     for step in tqdm(range(start + 1, total + 1), "SFT", total, initial=start, disable=RANK > 0):
         epoch, i = divmod(step - 1, per_epoch)
-        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order on resume
+        shuffle = torch.Generator().manual_seed(cfg.seed + epoch)  # the same order when resumed
         order = torch.randperm(len(demos), generator=shuffle)
         batch = sorted([demos[j] for j in order[i * cfg.sft_batch:(i + 1) * cfg.sft_batch]],
                        key=lambda d: len(d.prompt))  # alike lengths in a micro-batch: less padding
         mine, t0, loss_sum = batch[RANK::WORLD], time.time(), 0.0
-        lr = cfg.sft_lr * min(step / warm, (total - step + 1) / max(1, total - warm))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = optimizer.param_groups[0]["lr"] = cfg.sft_lr * min(step / warm, (total - step + 1)
+                                                                 / max(1, total - warm))
         policy.train()
         for part in chunks(mine, cfg.micro_batch):
             loss = loss_fn(policy, part) * len(part) / len(batch)  # a mean over the whole batch
@@ -759,7 +745,7 @@ def train_sft(policy: Policy, demos: list[Demo], val_demos: list[Demo], cfg: Con
                "tokens_per_s": tokens / (time.time() - t0)}
         if step % per_epoch == 0:
             row["val_loss"] = sft_eval_loss(policy, val_demos, cfg)
-            say(f"SFT epoch {step // per_epoch}: train loss {row['loss']:.3f}, validation loss "
+            say(f"SFT epoch {step // per_epoch}: loss {row['loss']:.3f}, on validation games "
                 f"{row['val_loss']:.3f}")
         log(row)
         if step % cfg.save_every == 0 or step == total:
@@ -1040,19 +1026,18 @@ def read_jsonl(path: str) -> list[dict]:
 def write_transcripts(metrics_path: str, md_path: str, agents: list[str]):
     """One game per agent of the table, step by step, from the episode lines of metrics.jsonl."""
     rows, out = read_jsonl(metrics_path), ["# How each agent played its first game", ""]
-    for ep in [next((r for r in rows if r.get("agent") == a), None) for a in agents]:
-        if ep:
-            out += [f"## {ep['agent']}: {ep['game']} ({'won' if ep['won'] else 'not won'}, score "
-                    f"{ep['score']}/{ep['max_score']}, {len(ep['commands'])} steps)", "",
-                    "```text", ep["intro"]]
-            for command, obs, r in zip(ep["commands"], ep["observations"], ep["rewards"]):
-                out += ["", f"> {command}" + (f"    [reward {r:+g}]" if r else ""), obs]
-            out += ["```", ""]
+    for ep in filter(None, [next((r for r in rows if r.get("agent") == a), None) for a in agents]):
+        out += [f"## {ep['agent']}: {ep['game']} ({'won' if ep['won'] else 'not won'}, score "
+                f"{ep['score']}/{ep['max_score']}, {len(ep['commands'])} steps)", "", "```text",
+                ep["intro"]]
+        for command, obs, r in zip(ep["commands"], ep["observations"], ep["rewards"]):
+            out += ["", f"> {command}" + (f"    [reward {r:+g}]" if r else ""), obs]
+        out += ["```", ""]
     atomic_save(md_path, "\n".join(out))
 
 @contextlib.contextmanager
 def figure(png_path: str, columns: int, width: float):
-    """A matplotlib figure of `columns` plots, saved to png_path when the block ends."""
+    """A row of `columns` matplotlib plots, saved to png_path when the block ends."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -1070,24 +1055,23 @@ def plot_curves(metrics_path: str, png_path: str):
                 axes[1], "ppo", "env_steps", ["return", "train_win_rate", "valid_win_rate"])]:
             for key in keys:
                 xy = [(r[x], r[key]) for r in rows if r["stage"] == stage and key in r]
-                if xy:
-                    ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key)
+                ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key) if xy else None
             ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
             ax.legend()
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
-    """The hardware in words, the dtype the model computes in, and the rate of a matmul of
-    SmolLM2's shapes in it: two CPUs of the same name can differ 2x, so a time needs its rate."""
+    """The hardware, the dtype the model computes in, and the rate of a matmul of SmolLM2's shape
+    in it: two CPUs of the same name can differ 2x, so a time needs its rate beside it."""
     cpus = [ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")
             ] if os.path.exists("/proc/cpuinfo") else ["CPU"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{cpus[0]}, {os.cpu_count()} cores"
     x, w = (torch.randn(n, 576, dtype=dtype, device=device) for n in (512, 1536))
     y, t = x @ w.t(), time.perf_counter()  # a warm-up, then the clock
     for _ in range(100):
         y = x @ w.t()
     y.sum().item()  # waits for a GPU to finish
     rate = 2 * 512 * 576 * 1536 * 100 / (time.perf_counter() - t) / 1e9
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cpus[0]}, {os.cpu_count()} cores"
     return f"{name}; computes in {str(dtype)[6:]} (matmul {rate:.0f} GFLOP/s); torch " \
            f"{torch.__version__}"
 
@@ -1147,7 +1131,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
         f"{len(valid)} valid, {len(test)} {cfg.eval_split} games | step limit {cfg.max_steps}")
     lm, tok = stage("load model", lambda: load_model(cfg, device), row=False)
     policy = Policy(lm, tok)
-    say(f"{cfg.model} in {cfg.bits} bits on {device}: {describe(policy)}")
+    say(f"{cfg.model} in {cfg.bits} bits on {device}: "
+        f"{sum(p.numel() for p in trainable(lm)):,} LoRA parameters to train")
     # 2) the baselines: the floor and the ceiling
     for name, agent in [("random", random_agent(random.Random(cfg.seed))),
                         ("walkthrough", walkthrough_agent)] * cfg.baselines:
