@@ -60,7 +60,8 @@ def summarize(folder: str) -> str:
             ax.plot(np.mean([[x for x, _ in xy] for xy in curves], 0),
                     np.mean([[y for _, y in xy] for xy in curves], 0), "k-", lw=2, label="mean")
         ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
-        ax.legend()
+        if any(curves):
+            ax.legend()
     textrl.atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
     return "\n".join(out)
 
