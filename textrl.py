@@ -47,7 +47,7 @@ class Config:
     lora_alpha: float = arg(16.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = arg(0.0, "dropout on the input of LoRA's A")
     lora_targets: str = arg(r"(q|k|v|o|gate|up|down)_proj$", "regex of the layers to adapt")
-    sft_epochs: int = arg(1, "passes over the expert demonstrations (0 = no SFT)")
+    sft_epochs: int = arg(2, "passes over the expert demonstrations (0 = no SFT)")
     sft_lr: float = arg(1e-3, "peak learning rate of SFT (linear warm-up, then linear decay)")
     sft_loss: str = arg("policy", "policy: -log pi(expert | s) over the valid commands; tokens: "
                         "the expert command's token cross-entropy (the tutorial's)")
@@ -1057,7 +1057,7 @@ def plot_curves(metrics_path: str, png_path: str):
                 xy = [(r[x], r[key]) for r in rows if r["stage"] == stage and key in r]
                 ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key) if xy else None
             ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
-            ax.legend()
+            ax.legend() if ax.lines else None
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
     """The hardware, the dtype the model computes in, and the rate of a matmul of SmolLM2's shape
