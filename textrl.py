@@ -918,8 +918,10 @@ def ppo_update(policy: Policy, optimizer, batch, adv, ret, reference, first: boo
     with torch.no_grad():
         for part in tqdm(sum(epochs[0], []), "pi_old, pi_ref", leave=False, disable=RANK > 0):
             old[part] = logp_of(part)
-            with swapped_adapters(policy, {} if first else reference):
-                ref[part] = old[part] if first else logp_of(part)
+            if not first:
+                with swapped_adapters(policy, reference):
+                    ref[part] = logp_of(part)
+    ref = old.clone() if first else ref
     old_v, stats = torch.tensor([t.value for t in batch]), []
     steps = min(gather([len(epochs[0])]))  # as many optimizer steps in every process
     for parts in [parts for minibatches in epochs for parts in minibatches[:steps]]:
@@ -979,9 +981,10 @@ def train_ppo(policy: Policy, rl_paths: list[str], valid_paths: list[str], cfg: 
         # 3) the clipped objective
         stats = ppo_update(policy, optimizer, batch, adv, ret, reference, update == 1, cfg)
         # 4) diagnostics, validation, the curve's point, a checkpoint
-        counters.update(ppo_update=update, env_steps=counters["env_steps"] + all_sum(len(batch)))
+        counters["ppo_update"] = update
+        counters["env_steps"] += int(all_sum(len(batch)))
         v = torch.tensor([t.value for t in batch])
-        row = {"stage": "ppo", "ppo_update": update, "env_steps": int(counters["env_steps"]),
+        row = {"stage": "ppo", "ppo_update": update, "env_steps": counters["env_steps"],
                "return": float(np.mean(gather([sum(t.reward for t in ep) for ep in episodes]))),
                "train_win_rate": summarize(games)["win_rate"], "seconds": time.time() - t0,
                # explained variance 1 - Var[R - V] / Var[R]: 1 a perfect critic, <= 0 a useless one
@@ -1055,9 +1058,11 @@ def plot_curves(metrics_path: str, png_path: str):
                 axes[1], "ppo", "env_steps", ["return", "train_win_rate", "valid_win_rate"])]:
             for key in keys:
                 xy = [(r[x], r[key]) for r in rows if r["stage"] == stage and key in r]
-                ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key) if xy else None
+                if xy:
+                    ax.plot(*zip(*xy), "o-" if len(xy) < 30 else "-", label=key)
             ax.set(title=stage.upper(), xlabel=x.replace("_", " "))
-            ax.legend() if ax.lines else None
+            if ax.lines:
+                ax.legend()
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
     """The hardware, the dtype the model computes in, and the rate of a matmul of SmolLM2's shape
@@ -1084,7 +1089,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if WORLD > 1 and not torch.distributed.is_initialized():  # torchrun; main() ends it
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        torch.cuda.set_device(device) if cuda else None
+        if cuda:
+            torch.cuda.set_device(device)
     seed_everything(cfg.seed, cfg.deterministic)
     # 1) the games and the run folder, all checked before any long work
     train, rl, valid, test = (list_games(cfg.games, cfg.level, split)
@@ -1102,7 +1108,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
     if cfg.checkpoint and not os.path.isfile(os.path.join(cfg.checkpoint, "state.pt")):
         raise UserError(f"--checkpoint {cfg.checkpoint!r} is no checkpoint folder: give one such "
                         "as runs/<name>/checkpoints/last")
-    torch.distributed.barrier() if WORLD > 1 else None  # all have checked before rank 0 writes
+    if WORLD > 1:
+        torch.distributed.barrier()  # every process has checked before rank 0 writes
     os.makedirs(run_dir, exist_ok=True)
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
     seconds = results.pop("_seconds", {})
@@ -1174,7 +1181,8 @@ def run(cfg: Config, argv: list[str]) -> dict:
         atomic_save(os.path.join(run_dir, "results.md"), report)
         plot_curves(metrics, os.path.join(run_dir, "curves.png"))
         write_transcripts(metrics, os.path.join(run_dir, "transcripts.md"), list(results))
-    torch.distributed.barrier() if WORLD > 1 else None  # all leave together, or gloo can abort
+    if WORLD > 1:
+        torch.distributed.barrier()  # all leave together: gloo can abort on a peer that left
     return results
 
 def main(argv=None, job=run):
