@@ -496,14 +496,16 @@ def test_gae_bootstraps_on_truncation_only():
 
 
 def test_group_advantages_by_hand():
-    """RLOO: game a played three times (returns 1, 0, 2; 2, 1 and 1 steps), game b once (return 2). Each step gets
-    its play's return minus the mean return of the game's other plays: 1 - (0 + 2)/2 = 0, 0 - 1.5, 2 - 0.5; a game
-    played once has no other play to compare with: 0."""
+    """RLOO: game a played three times (returns 1, 0, 2; 2, 1 and 1 steps), game b once (return 2), game c twice (returns
+    1 and 1). Each step gets its play's return minus the mean return of the game's other plays: 1 - (0 + 2)/2 = 0,
+    0 - 1.5, 2 - 0.5; for c 1 - 1 = 0; a game played once has no other play to compare with: 0. Only a's steps teach:
+    b and c are the two groups whose plays all scored alike."""
     step = lambda r: types.SimpleNamespace(reward=r)
-    episodes = [[step(0.0), step(1.0)], [step(0.0)], [step(1.0), step(1.0)], [step(2.0)]]
-    games = [types.SimpleNamespace(path=p) for p in ("a", "a", "b", "a")]
-    torch.testing.assert_close(textrl.group_advantages(episodes, games),
-                               torch.tensor([0.0, 0.0, -1.5, 0.0, 0.0, 1.5]))
+    episodes = [[step(0.0), step(1.0)], [step(0.0)], [step(1.0), step(1.0)], [step(2.0)], [step(1.0)], [step(1.0)]]
+    games = [types.SimpleNamespace(path=p) for p in ("a", "a", "b", "a", "c", "c")]
+    adv, varied, alike = textrl.group_advantages(episodes, games)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -1.5, 0.0, 0.0, 1.5, 0.0, 0.0]))
+    assert varied.tolist() == [True, True, True, False, False, True, False, False] and alike == 2
 
 
 # ---- 9. PPO -------------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class Config:
     eval_every: int = arg(0, "validate every N updates and keep the best policy (0 = the last)")
     curve_every: int = arg(0, "every N updates also play the table's games: the sample-efficiency "
                            "curve, never used to choose a policy (0 = off)")
+    curve_games: int = arg(32, "the curve plays the first N of the table's games (0 = all)")
     eval_split: str = arg("test", "split of the results table: test, or valid while tuning")
     eval_games: int = arg(16, "evaluate on the first N games of each split (0 = all)")
     sampled: bool = arg(False, "also evaluate each policy sampling a ~ pi(.|s): a second row")
@@ -891,16 +892,19 @@ def collect_rollouts(policy: Policy, paths: list[str], cfg: Config, desc: str):
     return [t for ep in episodes for t in ep], episodes, games
 
 # ALGO LOGIC: group-relative advantages, the critic-free baseline of RLOO
-def group_advantages(episodes: list, games: list) -> torch.Tensor:
+def group_advantages(episodes: list, games: list) -> tuple[torch.Tensor, torch.Tensor]:
     """A game played G times is a group; every step of a play with return R_i gets
         A_i = R_i - 1/(G-1) sum_{j != i} R_j          (RLOO; Ahmadian et al. 2024, eq. 4)
-    better or worse than the policy's other plays of the same game (0 when G = 1)."""
+    better or worse than the policy's other plays of the same game (0 when G = 1). Also returns
+    which steps belong to a group whose plays did not all score alike: only those teach."""
     returns = [(g.path, sum(t.reward for t in ep)) for ep, g in zip(episodes, games)]
     group = {}
     for path, r in gather(returns):  # a game's plays may be split between processes
         group.setdefault(path, []).append(r)
-    return torch.tensor([(r - (sum(group[p]) - r) / (len(group[p]) - 1) if len(group[p]) > 1
-                          else 0.0) for (p, r), ep in zip(returns, episodes) for _ in ep])
+    adv = [(r - (sum(group[p]) - r) / (len(group[p]) - 1) if len(group[p]) > 1 else 0.0,
+            len(set(group[p])) > 1) for (p, r), ep in zip(returns, episodes) for _ in ep]
+    alike = sum(len(set(rs)) == 1 for rs in group.values())  # groups that teach nothing
+    return torch.tensor([a for a, _ in adv]), torch.tensor([v for _, v in adv], dtype=bool), alike
 
 # ALGO LOGIC: the PPO update over one batch of experience
 def ppo_update(policy: Policy, optimizer, batch, adv, ret, reference, first: bool, cfg: Config):
@@ -976,26 +980,32 @@ def train_ppo(policy: Policy, rl_paths: list[str], valid_paths: list[str], cfg: 
         adv, ret = (torch.tensor(x, dtype=torch.float32) for x in gae(*zip(*[(
             t.reward, t.value, t.terminal, t.truncated, t.next_value) for t in batch]),
             cfg.gamma, cfg.lam))
-        if cfg.advantage == "group":
-            adv = group_advantages(episodes, games)
+        counters["env_steps"] += int(all_sum(len(batch)))
+        dropped = 0
+        if cfg.advantage == "group":  # a group whose plays all scored alike (A = 0) is dropped
+            adv, varied, dropped = group_advantages(episodes, games)
+            keep = varied.nonzero().flatten().tolist()
+            batch, adv, ret = [batch[j] for j in keep], adv[keep], ret[keep]
         # 3) the clipped objective
         stats = ppo_update(policy, optimizer, batch, adv, ret, reference, update == 1, cfg)
         # 4) diagnostics, validation, the curve's point, a checkpoint
         counters["ppo_update"] = update
-        counters["env_steps"] += int(all_sum(len(batch)))
         v = torch.tensor([t.value for t in batch])
         row = {"stage": "ppo", "ppo_update": update, "env_steps": counters["env_steps"],
                "return": float(np.mean(gather([sum(t.reward for t in ep) for ep in episodes]))),
                "train_win_rate": summarize(games)["win_rate"], "seconds": time.time() - t0,
                # explained variance 1 - Var[R - V] / Var[R]: 1 a perfect critic, <= 0 a useless one
                "explained_variance": float(1 - (ret - v).var() / ret.var()) if ret.var() > 0 else 0,
-               **{k: float(np.mean([s[k] for s in stats if k in s])) for k in stats[-1]}}
+               "dropped_groups": dropped,
+               **{k: float(np.mean([s[k] for s in stats if k in s]))
+                  for k in (stats[-1] if stats else {})}}  # none when every group was dropped
         last = counters["env_steps"] >= cfg.ppo_steps
         if cfg.eval_every and (update % cfg.eval_every == 0 or last):
             row.update(validate(update))
         if cfg.curve_every and update % cfg.curve_every == 0 and not last:  # last: the table's row
             row["heldout_win_rate"] = evaluate(curve_paths, llm_agent(policy, True), cfg,
                                                policy.tokenizer, "curve")["win_rate"]
+            row["curve_games"] = len(curve_paths)
         log(row)
         say(f"PPO {update}, {row['env_steps']}/{cfg.ppo_steps} steps | " + " | ".join(
             f"{k} {row[k]:.3f}" for k in ("return", "train_win_rate", "valid_win_rate",
@@ -1165,7 +1175,7 @@ def run(cfg: Config, argv: list[str]) -> dict:
     # 5) PPO in the rl games, whose walkthroughs are in no demonstration
     if cfg.ppo_steps:
         stage("PPO training", lambda: train_ppo(policy, rl, valid, cfg, log, run_dir, resume_from,
-                                                test), row=False)
+                                                test[:cfg.curve_games or None]), row=False)
         evaluate_policy(f"{start}+PPO")
     # 6) the table, the stage times, the curves and the transcripts
     report = "\n".join([

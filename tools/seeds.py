@@ -25,15 +25,22 @@ import textrl  # noqa: E402
 
 def curve(folder: str, start: str) -> list[tuple[int, float]]:
     """(PPO environment steps, held-out win rate) of one seed run: the start policy's row, the
-    curve's points during PPO, and the final row."""
+    curve's points during PPO, and the final row; all on the curve's games (--curve-games: the first
+    N of the table's), the two rows counted from their games in metrics.jsonl."""
     results = json.load(open(os.path.join(folder, "results.json")))
-    ppo = [r for r in textrl.read_jsonl(os.path.join(folder, "metrics.jsonl"))
-           if r["stage"] == "ppo" and "return" in r]
+    rows = textrl.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+    ppo = [r for r in rows if r["stage"] == "ppo" and "return" in r]
     if not ppo or start + "+PPO" not in results:
         return []
-    return [(0, results[start]["win_rate"])] + [(r["env_steps"], r["heldout_win_rate"])
-                                               for r in ppo if "heldout_win_rate" in r] + [
-        (ppo[-1]["env_steps"], results[start + "+PPO"]["win_rate"])]
+    n = next((r["curve_games"] for r in ppo if "curve_games" in r), None)
+
+    def rate(agent: str) -> float:  # the row's win rate on the first n games
+        won = [w for _, w in sorted((r["game"], r["won"]) for r in rows
+                                    if r["stage"] == "episode" and r["agent"] == agent)]
+        return float(np.mean(won[:n])) if n and won else results[agent]["win_rate"]
+    return [(0, rate(start))] + [(r["env_steps"], r["heldout_win_rate"])
+                                 for r in ppo if "heldout_win_rate" in r] + [
+        (ppo[-1]["env_steps"], rate(start + "+PPO"))]
 
 
 def summarize(folder: str) -> str:
