@@ -578,7 +578,9 @@ def test_cli_file_that_is_not_a_game(tmp_path):
 
 
 def test_cli_unknown_model_and_bad_flags(tmp_path):
-    assert_one_line_error(run_cli("--model", str(tmp_path / "no-such-model"), "--run-name", "t"), "cannot load --model")
+    assert_one_line_error(run_cli("--model", str(tmp_path / "no-such-model"), "--run-name", "t", "--games",
+                                  os.path.join(HERE, "games"), cwd=tmp_path), "cannot load --model")
+    assert not (tmp_path / "runs").exists()  # a run that never started leaves no folder behind
     assert_one_line_error(run_cli("--level", "hard"), "--level must be one of")
     assert_one_line_error(run_cli("--bits", "3"), "--bits must be one of 4, 16, 32, got 3")
     assert_one_line_error(run_cli("--sft-loss", "mse"), "--sft-loss must be one of policy, tokens")

@@ -150,6 +150,7 @@ def say(message: str):
 
 def atomic_save(path: str, save) -> None:
     """Write with save(tmp_path), or the text `save`, then rename: never half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a run's folder, at its first file
     if isinstance(save, str):
         text, save = save, lambda p: open(p, "w").write(text)
     save(path + ".tmp")
@@ -1120,7 +1121,6 @@ def run(cfg: Config, argv: list[str]) -> dict:
                         "as runs/<name>/checkpoints/last")
     if WORLD > 1:
         torch.distributed.barrier()  # every process has checked before rank 0 writes
-    os.makedirs(run_dir, exist_ok=True)
     results = json.load(open(results_path)) if cfg.resume and os.path.exists(results_path) else {}
     seconds = results.pop("_seconds", {})
 

@@ -9,6 +9,7 @@ mean, standard deviation and range, and PPO's gain over the policy it started fr
 the held-out win rate against PPO's environment steps, one line per seed, and their mean. Seeds can
 so be run one at a time, in separate sessions, into the same name.
 """
+import argparse
 import dataclasses
 import glob
 import json
@@ -94,11 +95,11 @@ def main(argv=None):
     p = textrl.parser()
     p.description = __doc__.split("\n")[0]
     p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (%(default)s)")
-    args = vars(p.parse_args(argv))
-    n = args.pop("seeds")
-    rest = [a for i, a in enumerate(argv) if not (a.startswith("--seeds") or (
-        i > 0 and argv[i - 1] == "--seeds"))]
-    textrl.main(rest, job=lambda cfg, argv: seeds(cfg, argv, n))
+    p.parse_args(argv)  # --help, and any bad flag, before anything runs
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--seeds", type=int, default=3)
+    args, rest = own.parse_known_args(argv)  # rest: textrl's flags, as given
+    textrl.main(rest, job=lambda cfg, argv: seeds(cfg, argv, args.seeds))
 
 
 if __name__ == "__main__":
