@@ -67,7 +67,7 @@ def summarize(folder: str) -> str:
         if len({len(xy) for xy in curves}) == 1 and curves[0]:  # the same points: their mean
             ax.plot(np.mean([[x for x, _ in xy] for xy in curves], 0),
                     np.mean([[y for _, y in xy] for xy in curves], 0), "k-", lw=2, label="mean")
-        ax.set(xlabel="PPO environment steps", ylabel="held-out win rate (greedy)")
+        ax.set(xlabel="PPO environment steps", ylabel="win rate on the curve's held-out games (greedy)")
         if any(curves):
             ax.legend()
     textrl.atomic_save(os.path.join(folder, "seeds.md"), "\n".join(out) + "\n")
