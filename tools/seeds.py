@@ -96,7 +96,7 @@ def main(argv=None):
     p.description = __doc__.split("\n")[0]
     p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (%(default)s)")
     p.parse_args(argv)  # --help, and any bad flag, before anything runs
-    own = argparse.ArgumentParser(add_help=False)
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
     own.add_argument("--seeds", type=int, default=3)
     args, rest = own.parse_known_args(argv)  # rest: textrl's flags, as given
     textrl.main(rest, job=lambda cfg, argv: seeds(cfg, argv, args.seeds))
