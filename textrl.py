@@ -893,18 +893,19 @@ def collect_rollouts(policy: Policy, paths: list[str], cfg: Config, desc: str):
     return [t for ep in episodes for t in ep], episodes, games
 
 # ALGO LOGIC: group-relative advantages, the critic-free baseline of RLOO
-def group_advantages(episodes: list, games: list) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(episodes: list, games: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A game played G times is a group; every step of a play with return R_i gets
         A_i = R_i - 1/(G-1) sum_{j != i} R_j          (RLOO; Ahmadian et al. 2024, eq. 4)
     better or worse than the policy's other plays of the same game (0 when G = 1). Also returns
-    which steps belong to a group whose plays did not all score alike: only those teach."""
+    which steps belong to a group whose plays did not all score alike (only those teach), and how
+    many groups' plays all did."""
     returns = [(g.path, sum(t.reward for t in ep)) for ep, g in zip(episodes, games)]
     group = {}
     for path, r in gather(returns):  # a game's plays may be split between processes
         group.setdefault(path, []).append(r)
     adv = [(r - (sum(group[p]) - r) / (len(group[p]) - 1) if len(group[p]) > 1 else 0.0,
             len(set(group[p])) > 1) for (p, r), ep in zip(returns, episodes) for _ in ep]
-    alike = sum(len(set(rs)) == 1 for rs in group.values())  # groups that teach nothing
+    alike = sum(len(set(rs)) == 1 for rs in group.values())  # the groups that teach nothing
     return torch.tensor([a for a, _ in adv]), torch.tensor([v for _, v in adv], dtype=bool), alike
 
 # ALGO LOGIC: the PPO update over one batch of experience
