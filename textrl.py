@@ -481,7 +481,6 @@ def save_adapter(lm: nn.Module, folder: str, cfg: Config) -> None:
     """Save the adapters as peft does (adapter_model.safetensors + adapter_config.json), so that
     peft.PeftModel.from_pretrained(base, folder) loads them and can merge them."""
     from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
     layers = {n: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
     tensors = {f"base_model.model.{n}.{part}.weight": getattr(m, part).detach().float().contiguous()
                for n, m in layers.items() for part in ("lora_A", "lora_B")}  # peft's key layout
@@ -986,8 +985,7 @@ def train_ppo(policy: Policy, rl_paths: list[str], valid_paths: list[str], cfg: 
         dropped = 0
         if cfg.advantage == "group":  # a group whose plays all scored alike (A = 0) is dropped
             adv, varied, dropped = group_advantages(episodes, games)
-            keep = varied.nonzero().flatten().tolist()
-            batch, adv, ret = [batch[j] for j in keep], adv[keep], ret[keep]
+            batch, adv, ret = [t for t, v in zip(batch, varied) if v], adv[varied], ret[varied]
         # 3) the clipped objective
         stats = ppo_update(policy, optimizer, batch, adv, ret, reference, update == 1, cfg)
         # 4) diagnostics, validation, the curve's point, a checkpoint

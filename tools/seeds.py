@@ -92,12 +92,11 @@ def seeds(cfg: textrl.Config, argv: list[str], n: int) -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = textrl.parser()
-    p.description = __doc__.split("\n")[0]
-    p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (%(default)s)")
-    p.parse_args(argv)  # --help, and any bad flag, before anything runs
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
-    own.add_argument("--seeds", type=int, default=3)
+    own.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (%(default)s)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False,
+                                parents=[textrl.parser(), own])  # textrl's flags and -h, and --seeds
+    p.parse_args(argv)  # --help, and any bad flag, before anything runs
     args, rest = own.parse_known_args(argv)  # rest: textrl's flags, as given
     textrl.main(rest, job=lambda cfg, argv: seeds(cfg, argv, args.seeds))
 
