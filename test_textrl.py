@@ -745,7 +745,7 @@ def test_seeds_tool_summary_group_advantages_and_the_curve(tokenizer, tmp_path):
     assert table in proc.stdout and (tmp_path / "runs" / "s" / "seeds.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("tool", ["textrl.py", "tools/seeds.py", "tools/make_games.py"])
+@pytest.mark.parametrize("tool", ["textrl.py", "tools/seeds.py", "tools/make_games.py", "tools/precision.py"])
 def test_scripts_answer_help(tool):
     proc = subprocess.run([sys.executable, os.path.join(HERE, tool), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
