@@ -919,8 +919,8 @@ def ppo_update(policy: Policy, optimizer, batch, adv, ret, reference, first: boo
     # not taken from the rollouts: in bf16 a state's score moves with the states batched beside it
     # (padding changes the kernels' shapes, and every layer's bf16 rounding carries the change on),
     # which would look like a policy change (rho != 1) before any step. An fp32 LM head, attention
-    # or residual stream does not remove it; fp32 throughout does, at nearly twice the time, which
-    # costs more than this pass. At the first update the reference is the policy: pi_ref = pi_old.
+    # or residual stream does not remove it; fp32 throughout does, but slows every pass by more than
+    # this pass costs. At the first update the reference is the policy: pi_ref = pi_old.
     old, ref = torch.zeros(len(batch)), torch.zeros(len(batch))
     logp_of = lambda part: score_batch(policy, [batch[j] for j in part])[0].float().cpu()
     with torch.no_grad():
