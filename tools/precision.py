@@ -27,6 +27,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (%(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dtype = textrl.compute_dtype(torch.device("cpu"), 4)
+    if dtype == torch.float32:  # checked before the model loads and the games are played
+        sys.exit("this CPU computes in fp32 already: nothing to compare")
     cfg = textrl.Config(max_steps=40)
     lm, tok = textrl.load_model(cfg, torch.device("cpu"))
     policy = textrl.Policy(lm, tok).eval()
@@ -56,9 +59,7 @@ def main(argv=None):
     print("| compute | alone vs batched: max, mean over all commands | chosen command: max, mean "
           "| batched vs fp32: mean | seconds, batched |")
     print("|---|---|---|---|---|")
-    head, dtype = lm.get_output_embeddings(), next(lm.parameters()).dtype
-    if dtype == torch.float32:
-        sys.exit("this CPU computes in fp32 already: nothing to compare")
+    head = lm.get_output_embeddings()
     for param in lm.parameters():  # the reference first: fp32 throughout, NF4 weights as they are
         param.data = param.data.float()
     fp32 = score("fp32 throughout")
@@ -74,13 +75,14 @@ def main(argv=None):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    calls = []
+
     def sdpa_fp32(module, q, k, v, mask, **kw):
         calls.append(1)
         out, weights = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, **kw)
         return out.to(q.dtype), weights
     AttentionInterface.register("sdpa_fp32", sdpa_fp32)
     lm.set_attn_implementation("sdpa_fp32")
-    calls = []
     score("bf16, attention in fp32", fp32)
     assert calls, "the fp32 attention was not called"
 
