@@ -3,15 +3,19 @@
 PPO scores pi_old again instead of taking log pi(a|s) from the rollout, because in bf16 a state's
 score moves with the states batched beside it. This probe measures by how much, with parts of the
 network kept in fp32 (the LM head, the attention, the residual stream) and with fp32 throughout, and
-what each costs:
+what each costs; and (--games) how far a greedy win rate moves when the same policy plays the same
+games beside other games in its batch (the noise under every table's win rate):
 
     python tools/precision.py --checkpoint runs/<name>/checkpoints/last --states 48
+    python tools/precision.py --checkpoint runs/<name>/checkpoints/last --states 0 --games 64
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +28,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="", help="a saved policy (default: the LLM as it comes)")
     p.add_argument("--states", type=int, default=48, help="states of the rl walkthroughs to score")
+    p.add_argument("--games", type=int, default=0, help="also play the first N easy test games "
+                   "greedily, once per --batches size (0 = not)")
+    p.add_argument("--batches", default="8,7,5", help="games in lockstep, one size per arrangement "
+                   "(%(default)s; textrl evaluates with 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (%(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -35,6 +43,23 @@ def main(argv=None):
     policy = textrl.Policy(lm, tok).eval()
     if args.checkpoint:
         textrl.load_checkpoint(args.checkpoint, policy, cfg)
+    if args.games:  # the same policy, the same games, other batch neighbours: the win rates
+        games = os.path.join(ROOT, "games")
+        test = textrl.list_games(games, "easy", "test")[:args.games]
+        limit = 2 * max(map(textrl.walkthrough_length, textrl.list_games(games, "easy", "train")))
+        play_cfg = dataclasses.replace(cfg, max_steps=limit)  # the step limit of textrl's runs
+        print(f"| games in a batch | win rate ({len(test)} test games) | seconds |\n|---|---|---|")
+        won = {}
+        for b in map(int, args.batches.split(",")):
+            t0 = time.time()
+            _, played = textrl.play(test, textrl.llm_agent(policy, True), play_cfg, tok, f"{b}",
+                                    b)
+            won[b] = [g.last.won for g in played]
+            print(f"| {b} | {np.mean(won[b]):.3f} | {time.time() - t0:.0f} |", flush=True)
+        flips = [os.path.basename(g) for g, w in zip(test, zip(*won.values())) if len(set(w)) > 1]
+        print(f"won in one arrangement, lost in another: {len(flips)} games {' '.join(flips)}")
+    if args.states < 1:
+        return
     rl = textrl.list_games(os.path.join(ROOT, "games"), "easy", "rl")[:args.states // 6 + 2]
     episodes, _ = textrl.play(rl, textrl.walkthrough_agent, cfg, tok)
     states = [t for ep in episodes for t in ep][:args.states]
