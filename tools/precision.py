@@ -24,14 +24,23 @@ sys.path.insert(0, ROOT)
 import textrl  # noqa: E402
 
 
+def batch_sizes(text: str) -> list[int]:
+    """'8,7,5' -> [8, 7, 5], each at least 1 (argparse turns a ValueError into a usage error)."""
+    sizes = [int(b) for b in text.split(",")]
+    if min(sizes) < 1:
+        raise ValueError(text)
+    return sizes
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="", help="a saved policy (default: the LLM as it comes)")
     p.add_argument("--states", type=int, default=48, help="states of the rl walkthroughs to score")
     p.add_argument("--games", type=int, default=0, help="also play the first N easy test games "
                    "greedily, once per --batches size (0 = not)")
-    p.add_argument("--batches", default="8,7,5", help="games in lockstep, one size per arrangement "
-                   "(%(default)s; textrl evaluates with 8)")
+    p.add_argument("--batches", default=[8, 7, 5], type=batch_sizes,
+                   help="games in lockstep, one size per arrangement "
+                   "(8,7,5; textrl evaluates with 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (%(default)s)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,14 +58,14 @@ def main(argv=None):
         limit = 2 * max(map(textrl.walkthrough_length, textrl.list_games(games, "easy", "train")))
         play_cfg = dataclasses.replace(cfg, max_steps=limit)  # the step limit of textrl's runs
         print(f"| games in a batch | win rate ({len(test)} test games) | seconds |\n|---|---|---|")
-        won = {}
-        for b in map(int, args.batches.split(",")):
+        won = []
+        for b in args.batches:
             t0 = time.time()
             _, played = textrl.play(test, textrl.llm_agent(policy, True), play_cfg, tok, f"{b}",
                                     b)
-            won[b] = [g.last.won for g in played]
-            print(f"| {b} | {np.mean(won[b]):.3f} | {time.time() - t0:.0f} |", flush=True)
-        flips = [os.path.basename(g) for g, w in zip(test, zip(*won.values())) if len(set(w)) > 1]
+            won.append([g.last.won for g in played])
+            print(f"| {b} | {np.mean(won[-1]):.3f} | {time.time() - t0:.0f} |", flush=True)
+        flips = [os.path.basename(g) for g, w in zip(test, zip(*won)) if len(set(w)) > 1]
         print(f"won in one arrangement, lost in another: {len(flips)} games {' '.join(flips)}")
     if args.states < 1:
         return
