@@ -52,8 +52,8 @@ def main(argv=None):
     policy = textrl.Policy(lm, tok).eval()
     if args.checkpoint:
         textrl.load_checkpoint(args.checkpoint, policy, cfg)
+    games = os.path.join(ROOT, "games")
     if args.games:  # the same policy, the same games, other batch neighbours: the win rates
-        games = os.path.join(ROOT, "games")
         test = textrl.list_games(games, "easy", "test")[:args.games]
         limit = 2 * max(map(textrl.walkthrough_length, textrl.list_games(games, "easy", "train")))
         play_cfg = dataclasses.replace(cfg, max_steps=limit)  # the step limit of textrl's runs
@@ -61,15 +61,15 @@ def main(argv=None):
         won = []
         for b in args.batches:
             t0 = time.time()
-            _, played = textrl.play(test, textrl.llm_agent(policy, True), play_cfg, tok, f"{b}",
-                                    b)
+            _, played = textrl.play(test, textrl.llm_agent(policy, True), play_cfg, tok,
+                                    desc=f"batch {b}", batch=b)
             won.append([g.last.won for g in played])
             print(f"| {b} | {np.mean(won[-1]):.3f} | {time.time() - t0:.0f} |", flush=True)
         flips = [os.path.basename(g) for g, w in zip(test, zip(*won)) if len(set(w)) > 1]
         print(f"won in one arrangement, lost in another: {len(flips)} games {' '.join(flips)}")
     if args.states < 1:
         return
-    rl = textrl.list_games(os.path.join(ROOT, "games"), "easy", "rl")[:args.states // 6 + 2]
+    rl = textrl.list_games(games, "easy", "rl")[:args.states // 6 + 2]
     episodes, _ = textrl.play(rl, textrl.walkthrough_agent, cfg, tok)
     states = [t for ep in episodes for t in ep][:args.states]
 
