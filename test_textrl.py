@@ -745,6 +745,24 @@ def test_seeds_tool_summary_group_advantages_and_the_curve(tokenizer, tmp_path):
     assert table in proc.stdout and (tmp_path / "runs" / "s" / "seeds.png").stat().st_size > 0
 
 
+def test_seeds_tool_tells_what_ppo_changed_game_by_game(tmp_path):
+    """The second table of seeds.md, from hand-made episodes: g1 lost by SFT in a loop of moves and won after PPO, g2
+    won by both, g3 won by SFT and lost after PPO with a walk that is no loop (4 different moves)."""
+    walk = ["go north", "go south", "go east", "go west"] * 2
+    loop = ["take knife"] + ["go north", "go south"] * 4
+    episodes = [("SFT", "g1", False, loop), ("SFT", "g2", True, ["eat meal"]), ("SFT", "g3", True, ["eat meal"]),
+                ("SFT+PPO", "g1", True, ["eat meal"]), ("SFT+PPO", "g2", True, ["eat meal"]),
+                ("SFT+PPO", "g3", False, walk)]
+    run = tmp_path / "seed-1"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "episode", "agent": a, "game": g, "won": w,
+                                                           "commands": c}) + "\n" for a, g, w, c in episodes))
+    assert seeds.changes(str(run), "SFT") == [("SFT: lost (of which ending in a loop of moves)", "1 (1)"),
+                                              ("SFT+PPO: lost (of which ending in a loop of moves)", "1 (0)"),
+                                              ("won by SFT+PPO, lost by SFT / the other way round", "1 / 1")]
+    assert not seeds.looped({"commands": ["go north", "go south"] * 3})  # too short to tell
+
+
 @pytest.mark.parametrize("tool", ["textrl.py", "tools/seeds.py", "tools/make_games.py", "tools/precision.py"])
 def test_scripts_answer_help(tool):
     proc = subprocess.run([sys.executable, os.path.join(HERE, tool), "--help"], capture_output=True, text=True)

@@ -5,7 +5,9 @@
 Seed s runs as `python textrl.py --seed s --run-name <name>/seed-<s> [flags]` would, in
 runs/<name>/seed-<s>/ (an existing one is continued, as with --resume). After each seed,
 runs/<name>/seeds.md tabulates every finished seed found there: each row's win rate per seed, its
-mean, standard deviation and range, and PPO's gain over the policy it started from; seeds.png plots
+mean, standard deviation and range, and PPO's gain over the policy it started from; then, game by
+game, what PPO changed: the games each row lost (how many ended going back and forth between rooms)
+and the games won by one row and lost by the other. seeds.png plots
 the held-out win rate against PPO's environment steps, one line per seed, and their mean. Seeds can
 so be run one at a time, in separate sessions, into the same name.
 """
@@ -44,6 +46,27 @@ def curve(folder: str, start: str) -> list[tuple[int, float]]:
         (ppo[-1]["env_steps"], rate(start + "+PPO"))]
 
 
+def looped(episode: dict) -> bool:
+    """A game that ended going back and forth: its last 8 commands are moves among at most 3."""
+    last = episode["commands"][-8:]
+    return len(last) == 8 and all(c.startswith("go ") for c in last) and len(set(last)) <= 3
+
+
+def changes(folder: str, start: str) -> list[tuple[str, str]]:
+    """How one seed's games changed under PPO: the games each row lost (and how many of them ended
+    in a loop of moves), and the games PPO won that the start lost, and the other way round."""
+    rows = textrl.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+    games = {a: {r["game"]: r for r in rows if r["stage"] == "episode" and r["agent"] == a}
+             for a in (start, start + "+PPO")}
+    lost = {a: [r for r in g.values() if not r["won"]] for a, g in games.items()}
+    out = [(f"{a}: lost (of which ending in a loop of moves)", f"{len(r)} ({sum(map(looped, r))})")
+           for a, r in lost.items()]
+    before, after = games.values()
+    return out + [(f"won by {start}+PPO, lost by {start} / the other way round",
+                   f"{sum(after[k]['won'] > r['won'] for k, r in before.items())} / "
+                   f"{sum(after[k]['won'] < r['won'] for k, r in before.items())}")]
+
+
 def summarize(folder: str) -> str:
     """seeds.md and seeds.png for every finished seed-<s>/ in folder; returns the table."""
     runs = sorted((int(re.search(r"seed-(\d+)$", d)[1]), d) for d in glob.glob(
@@ -59,6 +82,12 @@ def summarize(folder: str) -> str:
     out += [f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {np.mean(v):.3f} ± "
             f"{np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f}) |"
             for k, v in rows.items()]
+    if start:  # where the gain came from, game by game
+        per_seed = [changes(d, start) for _, d in runs]
+        out += ["", f"| games ({results[0][start]['games']}) | " + " | ".join(
+            f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        out += [f"| {name} | " + " | ".join(c[i][1] for c in per_seed) + " |"
+                for i, (name, _) in enumerate(per_seed[0])]
     with textrl.figure(os.path.join(folder, "seeds.png"), 1, 6) as (ax,):
         curves = [curve(d, start) for _, d in runs] if start else []
         for s, xy in zip(seeds, curves):
