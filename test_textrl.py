@@ -747,18 +747,20 @@ def test_seeds_tool_summary_group_advantages_and_the_curve(tokenizer, tmp_path):
 
 def test_seeds_tool_tells_what_ppo_changed_game_by_game(tmp_path):
     """The second table of seeds.md, from hand-made episodes: g1 lost by SFT in a loop of moves and won after PPO, g2
-    won by both, g3 won by SFT and lost after PPO with a walk that is no loop (4 different moves)."""
+    won by both, g3 won by SFT and lost after PPO with a walk that is no loop (4 different moves), g4 lost by both
+    repeating one command."""
     walk = ["go north", "go south", "go east", "go west"] * 2
     loop = ["take knife"] + ["go north", "go south"] * 4
     episodes = [("SFT", "g1", False, loop), ("SFT", "g2", True, ["eat meal"]), ("SFT", "g3", True, ["eat meal"]),
                 ("SFT+PPO", "g1", True, ["eat meal"]), ("SFT+PPO", "g2", True, ["eat meal"]),
-                ("SFT+PPO", "g3", False, walk)]
+                ("SFT+PPO", "g3", False, walk), ("SFT", "g4", False, ["examine bed"] * 9),
+                ("SFT+PPO", "g4", False, ["examine bed"] * 9)]
     run = tmp_path / "seed-1"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"stage": "episode", "agent": a, "game": g, "won": w,
                                                            "commands": c}) + "\n" for a, g, w, c in episodes))
-    assert seeds.changes(str(run), "SFT") == [("SFT: lost (of which ending in a loop of moves)", "1 (1)"),
-                                              ("SFT+PPO: lost (of which ending in a loop of moves)", "1 (0)"),
+    assert seeds.changes(str(run), "SFT") == [("SFT: lost (of which ending in a loop)", "2 (2)"),
+                                              ("SFT+PPO: lost (of which ending in a loop)", "2 (1)"),
                                               ("won by SFT+PPO, lost by SFT / the other way round", "1 / 1")]
     assert not seeds.looped({"commands": ["go north", "go south"] * 3})  # too short to tell
 
