@@ -7,9 +7,9 @@ runs/<name>/seed-<s>/ (an existing one is continued, as with --resume). After ea
 runs/<name>/seeds.md tabulates every finished seed found there: each row's win rate per seed, its
 mean, standard deviation and range, and PPO's gain over the policy it started from; then, game by
 game, what PPO changed: the games each row lost (how many ended in a loop of at most 3 commands)
-and the games won by one row and lost by the other. seeds.png plots
-the held-out win rate against PPO's environment steps, one line per seed, and their mean. Seeds can
-so be run one at a time, in separate sessions, into the same name.
+and the games won by one row and lost by the other. seeds.png plots the held-out win rate against
+PPO's environment steps, one line per seed, and their mean. Seeds can so be run one at a time, in
+separate sessions, into the same name.
 """
 import argparse
 import dataclasses
